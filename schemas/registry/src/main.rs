@@ -1,0 +1,54 @@
+//! `edow-registry`: a Confluent-compatible schema registry server backed by a compacted Kafka topic.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Confluent-compatible Avro schema registry storing its schemas in Kafka"
+)]
+struct Args {
+    /// Address to serve the REST API on.
+    #[arg(long, env = "EDOW_REGISTRY_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// Kafka bootstrap servers (host:port[,host:port]).
+    #[arg(long, env = "EDOW_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    bootstrap_servers: String,
+    /// Compacted single-partition topic the schemas are stored in.
+    #[arg(long, env = "EDOW_REGISTRY_TOPIC", default_value = "_schemas")]
+    topic: String,
+    /// Replication factor used when the topic has to be created.
+    #[arg(long, env = "EDOW_REGISTRY_REPLICATION_FACTOR", default_value_t = 1)]
+    replication_factor: i32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = edow_registry::Config {
+        listen: args.listen,
+        bootstrap_servers: args.bootstrap_servers,
+        topic: args.topic,
+        replication_factor: args.replication_factor,
+    };
+    edow_registry::serve(config, shutdown_signal()).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

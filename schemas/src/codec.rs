@@ -1,0 +1,235 @@
+//! The Confluent wire format (magic byte 0, 4-byte big-endian schema id, Avro binary datum) for edow's contracts,
+//! through schema_registry_converter. Encoding registers the contract's schema under the topic's value subject
+//! (TopicNameStrategy) and writes with that id; decoding fetches the writer's schema by id and resolves the datum
+//! into the reader's contract, so a consumer built against version N reads records written with N-1 or N+1
+//! wherever the registry accepted the change.
+
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSettings};
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+
+use crate::contracts::Contract;
+use crate::topics::value_subject;
+
+/// Why a record could not be encoded or decoded. [`CodecError::kind`] is the short class used in dead letters.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("the record has no value; produce an Avro value in the Confluent wire format")]
+    Empty,
+    #[error(
+        "the value is not in the Confluent wire format: expected magic byte 0x00 and a 4-byte schema id, \
+         got {len} bytes starting with {first:#04x}; produce it with a schema-registry Avro serializer"
+    )]
+    NotFramed { len: usize, first: u8 },
+    #[error(
+        "schema id {id} is unknown to the schema registry ({detail}); the record was written against another \
+         registry or its schema was deleted: register the schema, then replay the record from the dead-letter topic"
+    )]
+    UnknownSchema { id: u32, detail: String },
+    #[error("the schema registry could not be reached ({detail}); it will be retried")]
+    RegistryUnavailable { detail: String },
+    #[error("the bytes do not decode with their writer schema id {id}: {detail}")]
+    Undecodable { id: u32, detail: String },
+    #[error(
+        "the record was written with schema id {id}, which cannot be read as {reader}: {detail}; \
+         evolve the schema compatibly (add fields with defaults) or upgrade this reader"
+    )]
+    Incompatible {
+        id: u32,
+        reader: &'static str,
+        detail: String,
+    },
+    #[error("the decoded record is not a valid {reader}: {detail}")]
+    Invalid {
+        reader: &'static str,
+        detail: String,
+    },
+    #[error("could not encode a {writer} for subject {subject}: {detail}")]
+    Encode {
+        writer: &'static str,
+        subject: String,
+        detail: String,
+    },
+}
+
+impl CodecError {
+    /// Short class of the error, for the dead-letter `error_kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CodecError::Empty => "empty",
+            CodecError::NotFramed { .. } => "not_framed",
+            CodecError::UnknownSchema { .. } => "unknown_schema",
+            CodecError::RegistryUnavailable { .. } => "registry_unavailable",
+            CodecError::Undecodable { .. } => "undecodable",
+            CodecError::Incompatible { .. } => "incompatible",
+            CodecError::Invalid { .. } => "invalid",
+            CodecError::Encode { .. } => "encode",
+        }
+    }
+
+    /// Whether trying again later may succeed; a record failing with anything else belongs in a dead-letter topic.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CodecError::RegistryUnavailable { .. })
+    }
+}
+
+/// The schema id of a Confluent-framed value, if it is one.
+pub fn schema_id(bytes: &[u8]) -> Option<u32> {
+    match bytes {
+        [0, a, b, c, d, _rest @ ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// Encodes and decodes contracts against one schema registry. Cheap to share: caches schemas and ids.
+pub struct Codec {
+    settings: SrSettings,
+    encoder: AvroEncoder,
+    decoder: AvroDecoder,
+}
+
+impl Codec {
+    /// A codec for the registry at `url` (e.g. `http://127.0.0.1:8081`).
+    pub fn new(url: &str) -> Result<Codec, CodecError> {
+        let settings = SrSettings::new_builder(url.trim_end_matches('/').to_string())
+            .no_proxy()
+            .set_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| CodecError::RegistryUnavailable {
+                detail: e.to_string(),
+            })?;
+        Ok(Codec {
+            encoder: AvroEncoder::new(settings.clone()),
+            decoder: AvroDecoder::new(settings.clone()),
+            settings,
+        })
+    }
+
+    /// Registers `T`'s schema under `topic`'s value subject and returns its global id.
+    pub async fn register<T: Contract>(&self, topic: &str) -> Result<u32, CodecError> {
+        self.register_text(&value_subject(topic), T::NAME, T::SCHEMA_TEXT)
+            .await
+            .map_err(|e| encode_error(T::NAME, topic, e))
+    }
+
+    /// Registers a schema given as text under `subject`; returns its id.
+    pub async fn register_text(
+        &self,
+        subject: &str,
+        name: &str,
+        schema: &str,
+    ) -> Result<u32, SRCError> {
+        let supplied =
+            SuppliedSchema::new(Some(name.to_string()), SchemaType::Avro, schema.to_string());
+        Ok(post_schema(&self.settings, subject.to_string(), supplied)
+            .await?
+            .id)
+    }
+
+    /// Encodes `item` for `topic` in the Confluent wire format.
+    pub async fn encode<T: Contract>(&self, topic: &str, item: &T) -> Result<Vec<u8>, CodecError> {
+        let value = to_contract_value(item)?;
+        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
+            topic.to_string(),
+            false,
+            SuppliedSchema::new(
+                Some(T::NAME.to_string()),
+                SchemaType::Avro,
+                T::SCHEMA_TEXT.to_string(),
+            ),
+        );
+        self.encoder
+            .encode_value(value, &strategy)
+            .await
+            .map_err(|e| encode_error(T::NAME, topic, e))
+    }
+
+    /// Decodes a Confluent-framed value written with any registered schema that resolves to `T`.
+    pub async fn decode<T: Contract>(&self, payload: Option<&[u8]>) -> Result<T, CodecError> {
+        let bytes = payload.filter(|b| !b.is_empty()).ok_or(CodecError::Empty)?;
+        let id = schema_id(bytes).ok_or(CodecError::NotFramed {
+            len: bytes.len(),
+            first: bytes[0],
+        })?;
+        if let Err(e) = self.decoder.get_schema(id).await {
+            let detail = describe(&e);
+            return Err(if e.retriable || !detail.contains("404") {
+                self.decoder.remove_errors_from_cache();
+                CodecError::RegistryUnavailable { detail }
+            } else {
+                CodecError::UnknownSchema { id, detail }
+            });
+        }
+        let written =
+            self.decoder
+                .decode(Some(bytes))
+                .await
+                .map_err(|e| CodecError::Undecodable {
+                    id,
+                    detail: describe(&e),
+                })?;
+        let value = written
+            .value
+            .resolve(T::schema())
+            .map_err(|e| CodecError::Incompatible {
+                id,
+                reader: T::NAME,
+                detail: e.to_string(),
+            })?;
+        from_contract_value(&value)
+    }
+}
+
+/// `item` as an Avro value of its contract's schema.
+pub fn to_contract_value<T: Contract>(item: &T) -> Result<Value, CodecError> {
+    apache_avro::to_value(item)
+        .and_then(|v| v.resolve(T::schema()))
+        .map_err(|e| CodecError::Encode {
+            writer: T::NAME,
+            subject: String::new(),
+            detail: e.to_string(),
+        })
+}
+
+/// A value already resolved to `T`'s schema, as `T`.
+pub fn from_contract_value<T: Contract>(value: &Value) -> Result<T, CodecError> {
+    apache_avro::from_value::<T>(value).map_err(|e| CodecError::Invalid {
+        reader: T::NAME,
+        detail: e.to_string(),
+    })
+}
+
+fn describe(e: &SRCError) -> String {
+    match &e.cause {
+        Some(cause) => format!("{}: {cause}", e.error),
+        None => e.error.clone(),
+    }
+}
+
+fn encode_error(writer: &'static str, topic: &str, e: SRCError) -> CodecError {
+    CodecError::Encode {
+        writer,
+        subject: value_subject(topic),
+        detail: describe(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_id_reads_the_confluent_header() {
+        assert_eq!(schema_id(&[0, 0, 0, 1, 2, 9, 9]), Some(258));
+        assert_eq!(schema_id(&[0, 0, 0, 0, 7]), Some(7));
+        assert_eq!(schema_id(&[1, 0, 0, 0, 7]), None);
+        assert_eq!(schema_id(b"{\"json\": true}"), None);
+        assert_eq!(schema_id(&[0, 0, 0]), None);
+    }
+}

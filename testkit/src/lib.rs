@@ -1,0 +1,339 @@
+//! Test support that owns real processes: a nisshi broker and the project's own binaries, each on a free
+//! loopback port with its own data directory, stopped by pid when dropped — also when a test fails or panics.
+//!
+//! Every child is spawned from one long-lived thread with `PR_SET_PDEATHSIG = SIGKILL`, so that even a test
+//! binary killed outright takes its brokers and binaries with it instead of leaving them running.
+
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// The workspace root, found from this crate's manifest directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 to find a free port")
+}
+
+/// Path of the nisshi binary, installing it on first use through `scripts/install-broker`
+/// (or taken from `EDOW_BROKER_BIN`).
+pub fn broker_binary() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Ok(path) = std::env::var("EDOW_BROKER_BIN") {
+            return PathBuf::from(path);
+        }
+        let script = workspace_root().join("scripts/install-broker");
+        let out = Command::new(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} failed; run it by hand to see why",
+            script.display()
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("install-broker prints the path")
+                .trim(),
+        )
+    })
+    .clone()
+}
+
+/// Path of one of the workspace's binaries, built on demand when the test run has not built it yet
+/// (a test of one package may need another package's binary).
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", package, "--bin", name]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(
+            status.success(),
+            "cargo build -p {package} --bin {name} failed"
+        );
+    }
+    path
+}
+
+type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
+
+/// Spawns `command` from the long-lived spawner thread so that the child dies with the test process.
+fn spawn_tied_to_this_process(command: Command) -> io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("edow-testkit-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    // SAFETY: prctl is async-signal-safe; the closure touches nothing else.
+                    unsafe {
+                        command.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                                return Err(io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("starting the spawner thread");
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    sender
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((command, reply_tx))
+        .expect("spawner thread is alive");
+    reply_rx.recv().expect("spawner thread replies")
+}
+
+/// A child process with its output captured to a log file; killed (SIGKILL) and reaped on drop.
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], cwd: &Path, log: PathBuf) -> Process {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("opening log {}: {e}", log.display()));
+        let err = out.try_clone().expect("cloning log file handle");
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = spawn_tied_to_this_process(command)
+            .unwrap_or_else(|e| panic!("starting {name} ({}): {e}", program.display()));
+        Process {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// The process's output so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Panics with the process's log if it has exited.
+    fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{} exited early with {status}; its log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// Waits until something accepts TCP connections on `addr`, or panics with the process's log.
+    pub fn wait_for_port(&mut self, addr: SocketAddr, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_running();
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not listen on {addr} within {timeout:?}; its log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `grace` for a clean exit, then SIGKILLs. Returns true on a clean exit.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        // SAFETY: plain kill(2) on a pid we own and have not reaped yet.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A nisshi broker on a free loopback port with in-memory storage.
+pub struct Broker {
+    process: Process,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let binary = broker_binary();
+        let dir = tempfile::Builder::new()
+            .prefix("edow-broker-")
+            .tempdir()
+            .expect("creating broker data dir");
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut args = vec![
+            "broker".to_string(),
+            "--listener-url".into(),
+            url.clone(),
+            "--advertised-listener-url".into(),
+            url,
+            "--storage-engine".into(),
+            "memory://nisshi/".into(),
+        ];
+        if binary.to_string_lossy().contains("nisshi-0.8") {
+            args.extend(["--group-initial-rebalance-delay".into(), "100ms".into()]);
+        }
+        let log = dir.path().join("broker.log");
+        let mut process = Process::spawn("nisshi broker", &binary, &args, dir.path(), log);
+        process.wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(30),
+        );
+        Broker {
+            process,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// `host:port` for `bootstrap.servers`.
+    pub fn bootstrap_servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+/// An `edow-registry` process on a free loopback port, serving once it has read its whole log.
+pub struct Registry {
+    process: Process,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl Registry {
+    pub fn start(broker: &Broker) -> Registry {
+        Registry::start_with(broker, &[])
+    }
+
+    /// Starts the registry with extra command-line arguments.
+    pub fn start_with(broker: &Broker, extra: &[&str]) -> Registry {
+        let binary = workspace_binary("edow-registry", "edow-registry");
+        let dir = tempfile::Builder::new()
+            .prefix("edow-registry-")
+            .tempdir()
+            .expect("creating registry dir");
+        let port = free_port();
+        let mut args = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--bootstrap-servers".into(),
+            broker.bootstrap_servers(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = dir.path().join("registry.log");
+        let mut process = Process::spawn("edow-registry", &binary, &args, dir.path(), log);
+        process.wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(60),
+        );
+        Registry {
+            process,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
