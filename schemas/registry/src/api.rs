@@ -373,14 +373,16 @@ async fn register(State(s): Shared, Path(subject): Path<String>, body: Bytes) ->
         let plan = s.log.read().plan_registration(&subject, &schema);
         match plan {
             Ok(Registration::Existing { id, .. }) => return Ok(ok(json!({"id": id}))),
-            Err(problems) => return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                409,
-                format!(
+            Err(problems) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    409,
+                    format!(
                     "Schema being registered is incompatible with an earlier schema for subject \
                          \"{subject}\", details: {problems:?}"
                 ),
-            )),
+                ))
+            }
             Ok(Registration::New { id, version }) => {
                 let value = SchemaValue {
                     subject: subject.clone(),
