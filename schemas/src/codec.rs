@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
-use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSettings};
+use schema_registry_converter::async_impl::schema_registry::{
+    perform_sr_call, post_schema, SrSettings,
+};
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{
-    SchemaType, SubjectNameStrategy, SuppliedSchema,
+    SchemaType, SrCall, SubjectNameStrategy, SuppliedSchema,
 };
 
 use crate::contracts::Contract;
@@ -130,6 +132,15 @@ impl Codec {
         Ok(post_schema(&self.settings, subject.to_string(), supplied)
             .await?
             .id)
+    }
+
+    /// The id of `schema` if it is registered under `subject`.
+    pub async fn lookup_text(&self, subject: &str, schema: &str) -> Result<u32, SRCError> {
+        let body = serde_json::json!({ "schema": schema }).to_string();
+        let found = perform_sr_call(&self.settings, SrCall::PostForVersion(subject, &body)).await?;
+        found
+            .id
+            .ok_or_else(|| SRCError::non_retryable_without_cause("the registry's answer has no id"))
     }
 
     /// Encodes `item` for `topic` in the Confluent wire format.

@@ -236,3 +236,36 @@ pub const ALL: &[(&str, &str)] = &[
     (DeadLetter::NAME, DeadLetter::SCHEMA_TEXT),
     (WorkflowDefinition::NAME, WorkflowDefinition::SCHEMA_TEXT),
 ];
+
+/// The contract written to each of the fixed topics (task and dead-letter topics are per type and per origin,
+/// and get their subjects when first written).
+pub fn fixed_topic_contracts(topics: &crate::Topics) -> Vec<(String, &'static str, &'static str)> {
+    vec![
+        (
+            topics.triggers(),
+            WorkflowTrigger::NAME,
+            WorkflowTrigger::SCHEMA_TEXT,
+        ),
+        (
+            topics.signals(),
+            WorkflowSignal::NAME,
+            WorkflowSignal::SCHEMA_TEXT,
+        ),
+        (topics.results(), TaskResult::NAME, TaskResult::SCHEMA_TEXT),
+        (
+            topics.state(),
+            WorkflowState::NAME,
+            WorkflowState::SCHEMA_TEXT,
+        ),
+        (
+            topics.events(),
+            LifecycleEvent::NAME,
+            LifecycleEvent::SCHEMA_TEXT,
+        ),
+        (
+            topics.definitions(),
+            WorkflowDefinition::NAME,
+            WorkflowDefinition::SCHEMA_TEXT,
+        ),
+    ]
+}

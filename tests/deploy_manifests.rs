@@ -1,0 +1,189 @@
+//! docker-compose.yml and k8s/ cannot be run here (no Docker engine, no cluster), so their contents are checked:
+//! every service, port and environment variable the project relies on is there and consistent.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn compose() -> Value {
+    let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    serde_yaml_ng::from_str(&text).expect("docker-compose.yml is valid YAML")
+}
+
+fn env_of<'a>(service: &'a Value, key: &str) -> &'a str {
+    match &service["environment"][key] {
+        Value::String(s) => s,
+        other => panic!("environment {key} is missing or not a string: {other:?}"),
+    }
+}
+
+fn published_ports(service: &Value) -> BTreeSet<String> {
+    service["ports"]
+        .as_sequence()
+        .expect("service publishes ports")
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn compose_runs_kafka_in_kraft_mode_reachable_from_host_and_network() {
+    let compose = compose();
+    let kafka = &compose["services"]["kafka"];
+    assert!(kafka["image"]
+        .as_str()
+        .unwrap()
+        .starts_with("apache/kafka:"));
+    assert_eq!(env_of(kafka, "KAFKA_PROCESS_ROLES"), "broker,controller");
+    let voters = env_of(kafka, "KAFKA_CONTROLLER_QUORUM_VOTERS");
+    let node_id = kafka["environment"]["KAFKA_NODE_ID"].as_u64().unwrap();
+    assert!(voters.starts_with(&format!("{node_id}@kafka:")), "{voters}");
+    assert!(!env_of(kafka, "CLUSTER_ID").is_empty());
+
+    let listeners = env_of(kafka, "KAFKA_LISTENERS");
+    let protocol_map = env_of(kafka, "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP");
+    for listener in listeners.split(',') {
+        let name = listener.split("://").next().unwrap();
+        assert!(
+            protocol_map.contains(&format!("{name}:")),
+            "{name} has no protocol"
+        );
+    }
+    let controller = env_of(kafka, "KAFKA_CONTROLLER_LISTENER_NAMES");
+    assert!(listeners.contains(&format!("{controller}://")));
+    let advertised = env_of(kafka, "KAFKA_ADVERTISED_LISTENERS");
+    assert!(
+        advertised.contains("PLAINTEXT://kafka:29092"),
+        "{advertised}"
+    );
+    assert!(advertised.contains("localhost:9092"), "{advertised}");
+    assert!(published_ports(kafka).contains("9092:9092"));
+    // Transactions are not used by edow, but internal topics must fit one broker.
+    assert_eq!(
+        kafka["environment"]["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"].as_u64(),
+        Some(1)
+    );
+}
+
+#[test]
+fn compose_runs_confluent_schema_registry_on_kafka() {
+    let compose = compose();
+    let registry = &compose["services"]["schema-registry"];
+    assert!(registry["image"]
+        .as_str()
+        .unwrap()
+        .starts_with("confluentinc/cp-schema-registry:"));
+    assert_eq!(
+        env_of(registry, "SCHEMA_REGISTRY_KAFKASTORE_BOOTSTRAP_SERVERS"),
+        "PLAINTEXT://kafka:29092",
+        "the registry must use the listener kafka advertises inside the network"
+    );
+    assert_eq!(
+        env_of(registry, "SCHEMA_REGISTRY_LISTENERS"),
+        "http://0.0.0.0:8081"
+    );
+    assert!(!env_of(registry, "SCHEMA_REGISTRY_HOST_NAME").is_empty());
+    assert_eq!(
+        env_of(registry, "SCHEMA_REGISTRY_KAFKASTORE_TOPIC"),
+        "_schemas"
+    );
+    assert!(published_ports(registry).contains("8081:8081"));
+    assert_eq!(
+        registry["depends_on"]["kafka"]["condition"].as_str(),
+        Some("service_healthy")
+    );
+}
+
+fn k8s_documents() -> Vec<(String, Value)> {
+    let mut docs = Vec::new();
+    for entry in std::fs::read_dir(root().join("k8s")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+                let value = Value::deserialize(doc)
+                    .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
+                docs.push((
+                    path.file_name().unwrap().to_string_lossy().into_owned(),
+                    value,
+                ));
+            }
+        }
+    }
+    docs
+}
+
+#[test]
+fn k8s_manifests_are_namespaced_and_configure_every_variable_the_cli_reads() {
+    let docs = k8s_documents();
+    let namespace = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "Namespace")
+        .expect("a Namespace manifest");
+    let ns = namespace.1["metadata"]["name"].as_str().unwrap();
+    for (file, doc) in &docs {
+        let kind = doc["kind"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{file} has no kind"));
+        assert!(
+            doc["apiVersion"].as_str().is_some(),
+            "{file} has no apiVersion"
+        );
+        if kind != "Namespace" && kind != "Kustomization" {
+            assert_eq!(
+                doc["metadata"]["namespace"].as_str(),
+                Some(ns),
+                "{file} {kind}"
+            );
+        }
+    }
+    let config = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "edow-config")
+        .expect("ConfigMap edow-config");
+    let data = config.1["data"].as_mapping().unwrap();
+
+    let help = Command::new(env!("CARGO_BIN_EXE_edow"))
+        .args(["schemas", "register", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let read_by_cli: BTreeSet<&str> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("EDOW_"))
+        .collect();
+    assert!(read_by_cli.contains("EDOW_SCHEMA_REGISTRY_URL"), "{help}");
+    for var in read_by_cli {
+        assert!(
+            data.contains_key(Value::String(var.to_string())),
+            "k8s/config.yaml does not set {var}, which edow reads"
+        );
+    }
+    assert!(data.contains_key(Value::String("EDOW_BOOTSTRAP_SERVERS".into())));
+
+    let kustomization = docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "Kustomization")
+        .expect("k8s/kustomization.yaml");
+    let listed: BTreeSet<&str> = kustomization.1["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for (file, doc) in &docs {
+        if doc["kind"] != "Kustomization" {
+            assert!(
+                listed.contains(file.as_str()),
+                "{file} is not in kustomization.yaml"
+            );
+        }
+    }
+}
