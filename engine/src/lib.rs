@@ -1,0 +1,14 @@
+//! edow's workflow engine: definitions ([`definition`]) and the state machine that runs them ([`machine`]).
+//! No Kafka, clock or network in here: drivers feed inputs and carry out the commands.
+
+pub mod definition;
+pub mod machine;
+
+pub use definition::{Definition, DefinitionError, RetryPolicy};
+pub use machine::{
+    Command, Dispatch, Event, EventKind, Failure, Instance, Millis, Outcome, Start, Status,
+    TaskOutcome,
+};
+
+#[cfg(test)]
+mod tests;
