@@ -1,30 +1,34 @@
-//! `edow`: the user-facing command line. Registers the contracts with a schema registry and lists them; later
-//! commands deploy definitions, start workflows and show their status.
+//! `edow`: the user-facing command line. Registers the contracts, deploys definitions, starts workflows, and
+//! shows their status and lifecycle events, all through Kafka and the schema registry.
 
-use anyhow::Context;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use edow_schemas::contracts::fixed_topic_contracts;
+use edow_engine::Definition;
+use edow_kafka::murmur2::partition_for;
+use edow_kafka::{now_millis, produce_all, Kafka, Outgoing, TopicSpec};
+use edow_schemas::contracts::{
+    fixed_topic_contracts, DefinitionFormat, LifecycleEvent, LifecycleKind, WorkflowDefinition, WorkflowState,
+    WorkflowTrigger,
+};
 use edow_schemas::topics::value_subject;
 use edow_schemas::{Codec, Topics};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "edow: a Kafka-native workflow orchestrator")]
 struct Cli {
+    /// Kafka bootstrap servers.
+    #[arg(long, global = true, env = "EDOW_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    bootstrap_servers: String,
     /// Schema registry URL.
-    #[arg(
-        long,
-        global = true,
-        env = "EDOW_SCHEMA_REGISTRY_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
+    #[arg(long, global = true, env = "EDOW_SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
     registry: String,
     /// Prefix of every edow topic.
-    #[arg(
-        long,
-        global = true,
-        env = "EDOW_TOPIC_PREFIX",
-        default_value = "edow."
-    )]
+    #[arg(long, global = true, env = "EDOW_TOPIC_PREFIX", default_value = "edow.")]
     topic_prefix: String,
     #[command(subcommand)]
     command: Command,
@@ -37,27 +41,84 @@ enum Command {
         #[command(subcommand)]
         action: SchemasAction,
     },
+    /// Validate workflow definitions (YAML or JSON) and deploy each as its next version.
+    Deploy {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Start a workflow instance.
+    Start {
+        /// Name of a deployed workflow.
+        name: String,
+        /// Input, a JSON document.
+        #[arg(long, default_value = "{}")]
+        input: String,
+        /// Instance id; starting an id that exists starts nothing. Default: a new id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Definition version to pin (default: the latest deployed).
+        #[arg(long)]
+        version: Option<i32>,
+        #[arg(long)]
+        correlation_id: Option<String>,
+    },
+    /// Show an instance's latest state from the changelog.
+    Status { id: String },
+    /// Print an instance's lifecycle events as they happen, until it ends.
+    Watch {
+        id: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum SchemasAction {
     /// Register every fixed topic's contract (idempotent) and print subjects and ids.
     Register,
-    /// Print the subjects of the fixed topics with their latest version and id.
+    /// Print the subjects of the fixed topics with their ids.
     List,
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let cli = Cli::parse();
-    let topics = Topics::new(cli.topic_prefix.clone());
-    match cli.command {
-        Command::Schemas { action } => schemas(&cli.registry, &topics, action).await,
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
 }
 
-async fn schemas(registry: &str, topics: &Topics, action: SchemasAction) -> anyhow::Result<()> {
-    let codec = Codec::new(registry)?;
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let topics = Topics::new(cli.topic_prefix.clone());
+    let kafka = Kafka::new(cli.bootstrap_servers.clone());
+    let codec = Codec::new(&cli.registry)?;
+    match cli.command {
+        Command::Schemas { action } => schemas(&codec, &cli.registry, &topics, action).await,
+        Command::Deploy { files } => {
+            for file in files {
+                deploy(&kafka, &codec, &topics, &file).await?;
+            }
+            Ok(())
+        }
+        Command::Start {
+            name,
+            input,
+            id,
+            version,
+            correlation_id,
+        } => {
+            let id = start(&kafka, &codec, &topics, &name, &input, id, version, correlation_id).await?;
+            println!("{id}");
+            Ok(())
+        }
+        Command::Status { id } => status(&kafka, &codec, &topics, &id).await,
+        Command::Watch { id, timeout } => watch(&kafka, &codec, &topics, &id, Duration::from_secs(timeout)).await,
+    }
+}
+
+async fn schemas(codec: &Codec, registry: &str, topics: &Topics, action: SchemasAction) -> anyhow::Result<()> {
     println!("{:<32} {:<40} {:>4}", "SUBJECT", "CONTRACT", "ID");
     for (topic, name, schema) in fixed_topic_contracts(topics) {
         let subject = value_subject(&topic);
@@ -66,13 +127,191 @@ async fn schemas(registry: &str, topics: &Topics, action: SchemasAction) -> anyh
                 .register_text(&subject, name, schema)
                 .await
                 .with_context(|| format!("registering {name} under {subject} at {registry}"))?,
-            SchemasAction::List => {
-                codec.lookup_text(&subject, schema).await.with_context(|| {
-                    format!("looking up {subject} at {registry}; run `edow schemas register` first")
-                })?
-            }
+            SchemasAction::List => codec.lookup_text(&subject, schema).await.with_context(|| {
+                format!("looking up {subject} at {registry}; run `edow schemas register` first")
+            })?,
         };
         println!("{subject:<32} {name:<40} {id:>4}");
     }
     Ok(())
+}
+
+/// Reads a blocking Kafka result on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+async fn deploy(kafka: &Kafka, codec: &Codec, topics: &Topics, file: &PathBuf) -> anyhow::Result<()> {
+    let label = file.display().to_string();
+    let source = std::fs::read_to_string(file).with_context(|| format!("reading {label}"))?;
+    let definition = Definition::parse(&label, &source)?;
+    let topic = topics.definitions();
+    kafka.ensure_topics(&[TopicSpec::new(topic.clone(), 1, 1).compacted()]).await?;
+    let records = {
+        let (kafka, topic) = (kafka.clone(), topic.clone());
+        blocking(move || kafka.read_to_end(&topic, 0, Offset::Beginning)).await?
+    };
+    let mut latest: Option<WorkflowDefinition> = None;
+    for record in &records {
+        if let Ok(deployed) = codec.decode::<WorkflowDefinition>(record.payload()).await {
+            if deployed.name == definition.name && latest.as_ref().is_none_or(|l| deployed.version > l.version) {
+                latest = Some(deployed);
+            }
+        }
+    }
+    if let Some(latest) = &latest {
+        if latest.source == source {
+            println!("{} version {} is unchanged ({label})", definition.name, latest.version);
+            return Ok(());
+        }
+    }
+    let version = latest.map_or(1, |l| l.version + 1);
+    let format = if label.ends_with(".json") { DefinitionFormat::Json } else { DefinitionFormat::Yaml };
+    let record = WorkflowDefinition {
+        name: definition.name.clone(),
+        version,
+        format,
+        source,
+        description: definition.description.clone(),
+        deployed_by: std::env::var("USER").ok(),
+        deployed_at: now_millis(),
+    };
+    let payload = codec.encode(&topic, &record).await?;
+    produce_all(
+        &kafka.producer()?,
+        &[Outgoing {
+            topic,
+            partition: Some(0),
+            key: format!("{}:{version}", definition.name).into_bytes(),
+            payload: Some(payload),
+            headers: Vec::new(),
+        }],
+    )
+    .await?;
+    println!("deployed {} version {version} ({label})", definition.name);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start(
+    kafka: &Kafka,
+    codec: &Codec,
+    topics: &Topics,
+    name: &str,
+    input: &str,
+    id: Option<String>,
+    version: Option<i32>,
+    correlation_id: Option<String>,
+) -> anyhow::Result<String> {
+    serde_json::from_str::<serde_json::Value>(input)
+        .with_context(|| format!("--input is not a JSON document: {input}"))?;
+    let topic = topics.triggers();
+    let partitions = {
+        let (kafka, topic) = (kafka.clone(), topic.clone());
+        blocking(move || kafka.partition_count(&topic)).await?
+    };
+    if partitions == 0 {
+        bail!("topic {topic} does not exist; start the orchestrator first (it creates its topics)");
+    }
+    let id = id.unwrap_or_else(|| format!("{name}-{:x}-{:x}", now_millis(), std::process::id()));
+    let trigger = WorkflowTrigger {
+        workflow_id: id.clone(),
+        workflow_name: name.to_string(),
+        workflow_version: version,
+        input: input.to_string(),
+        idempotency_key: None,
+        correlation_id,
+        priority: 0,
+        requested_at: now_millis(),
+        attributes: Default::default(),
+    };
+    let payload = codec.encode(&topic, &trigger).await?;
+    produce_all(
+        &kafka.producer()?,
+        &[Outgoing {
+            topic,
+            partition: None,
+            key: id.as_bytes().to_vec(),
+            payload: Some(payload),
+            headers: Vec::new(),
+        }],
+    )
+    .await?;
+    Ok(id)
+}
+
+/// The partition of `topic` holding workflow `id`.
+async fn home_partition(kafka: &Kafka, topic: &str, id: &str) -> anyhow::Result<i32> {
+    let partitions = {
+        let (kafka, topic) = (kafka.clone(), topic.to_string());
+        blocking(move || kafka.partition_count(&topic)).await?
+    };
+    if partitions == 0 {
+        bail!("topic {topic} does not exist; is the orchestrator running with prefix of this topic?");
+    }
+    Ok(partition_for(id.as_bytes(), partitions as i32))
+}
+
+async fn status(kafka: &Kafka, codec: &Codec, topics: &Topics, id: &str) -> anyhow::Result<()> {
+    let topic = topics.state();
+    let partition = home_partition(kafka, &topic, id).await?;
+    let records = {
+        let (kafka, topic) = (kafka.clone(), topic.clone());
+        blocking(move || kafka.read_to_end(&topic, partition, Offset::Beginning)).await?
+    };
+    let latest = records.iter().rev().find(|r| r.key() == Some(id.as_bytes()));
+    let Some(record) = latest.filter(|r| r.payload().is_some()) else {
+        bail!("no workflow {id}: it was never started, not yet picked up, or purged");
+    };
+    let state: WorkflowState = codec.decode(record.payload()).await?;
+    let engine: serde_json::Value = serde_json::from_str(&state.engine_state).unwrap_or_default();
+    println!("workflow   {}", state.workflow_id);
+    println!("definition {} version {}", state.workflow_name, state.workflow_version);
+    println!("status     {:?}", state.status);
+    if let Some(step) = engine["instance"]["current"].as_object() {
+        println!("step       #{} attempt {} ({})", step["index"], step["attempt"], phase_name(&step["phase"]));
+    }
+    println!("input      {}", state.input);
+    if let Some(output) = &state.output {
+        println!("output     {output}");
+    }
+    if let Some(error) = &state.error {
+        println!("error      {error}");
+    }
+    println!("changes    {}", state.sequence);
+    Ok(())
+}
+
+fn phase_name(phase: &serde_json::Value) -> &'static str {
+    if phase.get("BackingOff").is_some() {
+        "waiting to retry"
+    } else {
+        "running"
+    }
+}
+
+async fn watch(kafka: &Kafka, codec: &Codec, topics: &Topics, id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let topic = topics.events();
+    let partition = home_partition(kafka, &topic, id).await?;
+    let consumer: StreamConsumer = kafka.group_consumer_config("edow-cli-watch").create()?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    consumer.assign(&assignment)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .with_context(|| format!("workflow {id} did not end within {timeout:?}"))??;
+        if msg.key() != Some(id.as_bytes()) {
+            continue;
+        }
+        let event: LifecycleEvent = codec.decode(msg.payload()).await?;
+        let step = event.step.as_deref().unwrap_or("");
+        let attempt = event.attempt.map(|a| format!(" attempt {a}")).unwrap_or_default();
+        let detail = event.detail.as_deref().unwrap_or("");
+        println!("{} {:?} {step}{attempt} {detail}", event.at, event.kind);
+        if matches!(event.kind, LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFailed) {
+            return Ok(());
+        }
+    }
 }

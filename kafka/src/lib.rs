@@ -1,1 +1,289 @@
-pub fn placeholder() {}
+//! edow's Kafka edges, shared by orchestrator, worker and CLI: client settings ([`Kafka`]), topic creation and
+//! checks, Kafka's murmur2 partitioning, reading a partition to its end, and dead-letter publishing.
+
+pub mod dead_letters;
+pub mod murmur2;
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+/// Header carrying a lifecycle event's id, so that a reader can deduplicate without decoding.
+pub const EVENT_ID_HEADER: &str = "edow.event-id";
+/// Header carrying the correlation id of a workflow.
+pub const CORRELATION_ID_HEADER: &str = "edow.correlation-id";
+
+/// How to reach the cluster, and the settings every edow client shares.
+#[derive(Debug, Clone)]
+pub struct Kafka {
+    pub bootstrap_servers: String,
+    /// Consumer group session timeout: how long a dead member keeps its partitions.
+    pub session_timeout: Duration,
+}
+
+impl Kafka {
+    pub fn new(bootstrap_servers: impl Into<String>) -> Kafka {
+        Kafka {
+            bootstrap_servers: bootstrap_servers.into(),
+            session_timeout: Duration::from_secs(6),
+        }
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        config
+    }
+
+    /// An idempotent producer that partitions keys with murmur2, as Java clients do, so that records keyed by
+    /// workflow id land in the same partition whoever writes them.
+    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+        self.base()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .context("creating a Kafka producer")
+    }
+
+    /// Settings of a consumer in `group` (classic protocol) that commits only what the caller commits.
+    pub fn group_consumer_config(&self, group: &str) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set(
+                "session.timeout.ms",
+                self.session_timeout.as_millis().to_string(),
+            )
+            .set("heartbeat.interval.ms", "500")
+            .set("fetch.wait.max.ms", "20");
+        config
+    }
+
+    /// A consumer that reads assigned partitions only (no group membership, no commits).
+    pub fn reader(&self) -> anyhow::Result<BaseConsumer> {
+        self.base()
+            .set("group.id", "edow-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "20")
+            .create()
+            .context("creating a Kafka reader")
+    }
+
+    /// Creates the topics that are missing and checks the partition count of those that exist.
+    pub async fn ensure_topics(&self, topics: &[TopicSpec]) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> = self
+            .base()
+            .create()
+            .context("creating a Kafka admin client")?;
+        let new_topics: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| {
+                let topic = NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(t.replication_factor),
+                );
+                if t.compacted {
+                    topic.set("cleanup.policy", "compact")
+                } else {
+                    topic
+                }
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin
+            .create_topics(new_topics.iter(), &options)
+            .await
+            .with_context(|| format!("creating topics on {}", self.bootstrap_servers))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => bail!("creating topic {name}: {code}"),
+            }
+        }
+        for spec in topics {
+            let actual = self.partition_count(&spec.name)?;
+            if actual != spec.partitions as usize {
+                bail!(
+                    "topic {} has {actual} partitions but {} are configured; partition counts cannot change \
+                     (the broker cannot add partitions, and keyed state would move). Configure {actual}, or \
+                     use a new topic prefix.",
+                    spec.name,
+                    spec.partitions
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of partitions of `topic` (0 when it does not exist).
+    pub fn partition_count(&self, topic: &str) -> anyhow::Result<usize> {
+        let reader = self.reader()?;
+        let metadata = reader
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("reading metadata of {topic}"))?;
+        Ok(metadata
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().len())
+            .unwrap_or(0))
+    }
+
+    /// Every record of one partition from `from` up to the end it had when called. Blocking: call it from a
+    /// blocking context.
+    pub fn read_to_end(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: Offset,
+    ) -> anyhow::Result<Vec<OwnedMessage>> {
+        let reader = self.reader()?;
+        let (low, high) = reader
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .with_context(|| format!("reading the end offsets of {topic}/{partition}"))?;
+        let start = match from {
+            Offset::Offset(o) => o.max(low),
+            _ => low,
+        };
+        if start >= high {
+            return Ok(Vec::new());
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        reader.assign(&assignment)?;
+        let mut records = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            match reader.poll(Duration::from_millis(200)) {
+                Some(Ok(msg)) => {
+                    let offset = msg.offset();
+                    records.push(msg.detach());
+                    if offset + 1 >= high {
+                        return Ok(records);
+                    }
+                }
+                // Compaction can leave the last offsets empty: the end of the partition ends the read too.
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(records),
+                Some(Err(e)) => return Err(e).with_context(|| format!("reading {topic}/{partition}")),
+                None => {}
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("reading {topic}/{partition} to offset {high} took over 120 s");
+            }
+        }
+    }
+}
+
+/// A topic edow needs.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub compacted: bool,
+}
+
+impl TopicSpec {
+    pub fn new(name: impl Into<String>, partitions: i32, replication_factor: i32) -> TopicSpec {
+        TopicSpec {
+            name: name.into(),
+            partitions,
+            replication_factor,
+            compacted: false,
+        }
+    }
+
+    pub fn compacted(mut self) -> TopicSpec {
+        self.compacted = true;
+        self
+    }
+}
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A record to produce.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: String,
+    /// Explicit partition; `None` lets the murmur2 partitioner pick by key.
+    pub partition: Option<i32>,
+    pub key: Vec<u8>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// Produces every record, then waits for all acknowledgements; returns (partition, offset) of each, in order.
+/// Fails if any record is not acknowledged, so a caller that commits only after this loses nothing.
+pub async fn produce_all(
+    producer: &FutureProducer,
+    records: &[Outgoing],
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    let mut pending = Vec::with_capacity(records.len());
+    for out in records {
+        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
+        for (key, value) in &out.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_slice()),
+            });
+        }
+        let mut record = FutureRecord::to(&out.topic).key(&out.key).headers(headers);
+        if let Some(payload) = out.payload.as_deref() {
+            record = record.payload(payload);
+        }
+        if let Some(partition) = out.partition {
+            record = record.partition(partition);
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e).with_context(|| format!("producing to {}", out.topic)),
+            }
+        }
+    }
+    let mut positions = Vec::with_capacity(pending.len());
+    for (delivery, out) in pending.into_iter().zip(records) {
+        let delivered = delivery
+            .await
+            .context("the producer was dropped before acknowledging")?
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("producing to {}", out.topic))?;
+        positions.push((delivered.partition, delivered.offset));
+    }
+    Ok(positions)
+}

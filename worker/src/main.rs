@@ -1,6 +1,98 @@
-//! The worker binary: runs tasks from its task topics and publishes results (vertical slice issue).
+//! `worker`: runs edow tasks of the types it serves and publishes their results.
 
-fn main() {
-    eprintln!("worker: not built yet; see the vertical-slice issue");
-    std::process::exit(2);
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clap::Parser;
+use edow_kafka::Kafka;
+use edow_schemas::Topics;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "edow worker")]
+struct Args {
+    /// A task type and its handler, repeatable: TYPE=HANDLER with HANDLER one of echo, trail, sleep:DURATION,
+    /// fail:N, fail:always, http:URL, exec:COMMAND.
+    #[arg(long = "task", value_name = "TYPE=HANDLER", required = true)]
+    tasks: Vec<String>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "EDOW_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    bootstrap_servers: String,
+    /// Schema registry URL.
+    #[arg(long, env = "EDOW_SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
+    registry: String,
+    /// Prefix of every edow topic.
+    #[arg(long, env = "EDOW_TOPIC_PREFIX", default_value = "edow.")]
+    topic_prefix: String,
+    /// Consumer group of the workers.
+    #[arg(long, env = "EDOW_WORKER_GROUP", default_value = "edow-workers")]
+    group: String,
+    /// This worker's id in results and logs (default: host name and pid).
+    #[arg(long, env = "EDOW_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Tasks run at once.
+    #[arg(long, env = "EDOW_WORKER_CONCURRENCY", default_value_t = 32)]
+    concurrency: usize,
+    /// Longest a handler may run before the attempt fails as a retryable timeout.
+    #[arg(long, env = "EDOW_TASK_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    task_timeout: Duration,
+    /// Partitions of the results topic when this worker has to create it.
+    #[arg(long, env = "EDOW_PARTITIONS", default_value_t = 6)]
+    partitions: i32,
+    /// Partitions of the task topics when this worker has to create them.
+    #[arg(long, env = "EDOW_TASK_PARTITIONS", default_value_t = 6)]
+    task_partitions: i32,
+    /// Replication factor of topics created.
+    #[arg(long, env = "EDOW_REPLICATION_FACTOR", default_value_t = 1)]
+    replication_factor: i32,
+    /// Consumer group session timeout in milliseconds: how long a dead worker keeps its partitions.
+    #[arg(long, env = "EDOW_SESSION_TIMEOUT_MS", default_value_t = 6000)]
+    session_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let args = Args::parse();
+    let mut handlers = HashMap::new();
+    for spec in &args.tasks {
+        let (task_type, handler) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--task {spec}: write TYPE=HANDLER, e.g. --task payment.charge=echo"))?;
+        let handler = edow_worker::handlers::builtin(handler, args.task_timeout)
+            .map_err(|e| anyhow::anyhow!("--task {spec}: {e}"))?;
+        handlers.insert(task_type.to_string(), handler);
+    }
+    let mut kafka = Kafka::new(args.bootstrap_servers);
+    kafka.session_timeout = Duration::from_millis(args.session_timeout_ms);
+    let worker_id = args.worker_id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let config = edow_worker::Config {
+        kafka,
+        registry_url: args.registry,
+        topics: Topics::new(args.topic_prefix),
+        group: args.group,
+        worker_id,
+        handlers,
+        concurrency: args.concurrency,
+        task_timeout: args.task_timeout,
+        partitions: args.partitions,
+        task_partitions: args.task_partitions,
+        replication_factor: args.replication_factor,
+    };
+    edow_worker::run(config, shutdown_signal()).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

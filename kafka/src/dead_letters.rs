@@ -1,0 +1,112 @@
+//! Dead letters: a record that cannot be processed is kept whole, with why, in `<origin topic>.dlq`, and the
+//! process moves on. The value is an Avro `DeadLetter`; the triage facts are also set as `edow.dlq.*` headers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use edow_schemas::contracts::{AvroBytes, DeadLetter};
+use edow_schemas::{Codec, Topics};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+
+use crate::now_millis;
+
+/// Why a record is dead-lettered.
+#[derive(Debug, Clone)]
+pub struct Reason {
+    /// Short class, e.g. `not_framed`, `unknown_workflow`.
+    pub kind: String,
+    /// What is wrong and what to do about it.
+    pub error: String,
+    pub attempts: i32,
+    pub first_failed_at: i64,
+}
+
+impl Reason {
+    pub fn new(kind: impl Into<String>, error: impl Into<String>) -> Reason {
+        Reason {
+            kind: kind.into(),
+            error: error.into(),
+            attempts: 1,
+            first_failed_at: now_millis(),
+        }
+    }
+}
+
+/// Builds the dead letter for `message`.
+pub fn dead_letter(message: &impl Message, reason: &Reason, service: &str) -> DeadLetter {
+    let mut headers = HashMap::new();
+    if let Some(original) = message.headers() {
+        for header in original.iter() {
+            headers.insert(
+                header.key.to_string(),
+                AvroBytes(header.value.unwrap_or_default().to_vec()),
+            );
+        }
+    }
+    DeadLetter {
+        origin_topic: message.topic().to_string(),
+        origin_partition: message.partition(),
+        origin_offset: message.offset(),
+        origin_timestamp: message.timestamp().to_millis(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers,
+        error_kind: reason.kind.clone(),
+        error: reason.error.clone(),
+        attempts: reason.attempts,
+        first_failed_at: reason.first_failed_at,
+        dead_lettered_at: now_millis(),
+        service: service.to_string(),
+    }
+}
+
+/// Publishes `letter` to its origin's dead-letter topic and waits for the broker's acknowledgement.
+pub async fn publish(
+    producer: &FutureProducer,
+    codec: &Codec,
+    letter: &DeadLetter,
+) -> anyhow::Result<()> {
+    let topic = Topics::dead_letters(&letter.origin_topic);
+    let value = codec.encode(&topic, letter).await?;
+    let facts = [
+        ("edow.dlq.origin-topic", letter.origin_topic.clone()),
+        (
+            "edow.dlq.origin-partition",
+            letter.origin_partition.to_string(),
+        ),
+        ("edow.dlq.origin-offset", letter.origin_offset.to_string()),
+        ("edow.dlq.error-kind", letter.error_kind.clone()),
+        ("edow.dlq.error", letter.error.clone()),
+        ("edow.dlq.attempts", letter.attempts.to_string()),
+        ("edow.dlq.failed-at", letter.dead_lettered_at.to_string()),
+        ("edow.dlq.service", letter.service.clone()),
+    ];
+    let mut headers = OwnedHeaders::new_with_capacity(facts.len());
+    for (key, value) in &facts {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let mut record = FutureRecord::to(&topic).payload(&value).headers(headers);
+    if let Some(key) = letter.key.as_deref() {
+        record = record.key(key);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .with_context(|| format!("publishing a dead letter to {topic}"))?;
+    tracing::warn!(
+        origin = %letter.origin_topic,
+        partition = letter.origin_partition,
+        offset = letter.origin_offset,
+        kind = %letter.error_kind,
+        "dead-lettered: {}",
+        letter.error
+    );
+    Ok(())
+}
