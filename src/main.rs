@@ -10,8 +10,8 @@ use edow_engine::Definition;
 use edow_kafka::murmur2::partition_for;
 use edow_kafka::{now_millis, produce_all, Kafka, Outgoing, TopicSpec};
 use edow_schemas::contracts::{
-    fixed_topic_contracts, DefinitionFormat, LifecycleEvent, LifecycleKind, WorkflowDefinition, WorkflowState,
-    WorkflowTrigger,
+    fixed_topic_contracts, DefinitionFormat, LifecycleEvent, LifecycleKind, WorkflowDefinition,
+    WorkflowState, WorkflowTrigger,
 };
 use edow_schemas::topics::value_subject;
 use edow_schemas::{Codec, Topics};
@@ -22,13 +22,28 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 #[command(version, about = "edow: a Kafka-native workflow orchestrator")]
 struct Cli {
     /// Kafka bootstrap servers.
-    #[arg(long, global = true, env = "EDOW_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        global = true,
+        env = "EDOW_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
     bootstrap_servers: String,
     /// Schema registry URL.
-    #[arg(long, global = true, env = "EDOW_SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
+    #[arg(
+        long,
+        global = true,
+        env = "EDOW_SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
     registry: String,
     /// Prefix of every edow topic.
-    #[arg(long, global = true, env = "EDOW_TOPIC_PREFIX", default_value = "edow.")]
+    #[arg(
+        long,
+        global = true,
+        env = "EDOW_TOPIC_PREFIX",
+        default_value = "edow."
+    )]
     topic_prefix: String,
     #[command(subcommand)]
     command: Command,
@@ -109,16 +124,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             version,
             correlation_id,
         } => {
-            let id = start(&kafka, &codec, &topics, &name, &input, id, version, correlation_id).await?;
+            let id = start(
+                &kafka,
+                &codec,
+                &topics,
+                &name,
+                &input,
+                id,
+                version,
+                correlation_id,
+            )
+            .await?;
             println!("{id}");
             Ok(())
         }
         Command::Status { id } => status(&kafka, &codec, &topics, &id).await,
-        Command::Watch { id, timeout } => watch(&kafka, &codec, &topics, &id, Duration::from_secs(timeout)).await,
+        Command::Watch { id, timeout } => {
+            watch(&kafka, &codec, &topics, &id, Duration::from_secs(timeout)).await
+        }
     }
 }
 
-async fn schemas(codec: &Codec, registry: &str, topics: &Topics, action: SchemasAction) -> anyhow::Result<()> {
+async fn schemas(
+    codec: &Codec,
+    registry: &str,
+    topics: &Topics,
+    action: SchemasAction,
+) -> anyhow::Result<()> {
     println!("{:<32} {:<40} {:>4}", "SUBJECT", "CONTRACT", "ID");
     for (topic, name, schema) in fixed_topic_contracts(topics) {
         let subject = value_subject(&topic);
@@ -127,9 +159,11 @@ async fn schemas(codec: &Codec, registry: &str, topics: &Topics, action: Schemas
                 .register_text(&subject, name, schema)
                 .await
                 .with_context(|| format!("registering {name} under {subject} at {registry}"))?,
-            SchemasAction::List => codec.lookup_text(&subject, schema).await.with_context(|| {
-                format!("looking up {subject} at {registry}; run `edow schemas register` first")
-            })?,
+            SchemasAction::List => {
+                codec.lookup_text(&subject, schema).await.with_context(|| {
+                    format!("looking up {subject} at {registry}; run `edow schemas register` first")
+                })?
+            }
         };
         println!("{subject:<32} {name:<40} {id:>4}");
     }
@@ -137,16 +171,25 @@ async fn schemas(codec: &Codec, registry: &str, topics: &Topics, action: Schemas
 }
 
 /// Reads a blocking Kafka result on the blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
 }
 
-async fn deploy(kafka: &Kafka, codec: &Codec, topics: &Topics, file: &PathBuf) -> anyhow::Result<()> {
+async fn deploy(
+    kafka: &Kafka,
+    codec: &Codec,
+    topics: &Topics,
+    file: &PathBuf,
+) -> anyhow::Result<()> {
     let label = file.display().to_string();
     let source = std::fs::read_to_string(file).with_context(|| format!("reading {label}"))?;
     let definition = Definition::parse(&label, &source)?;
     let topic = topics.definitions();
-    kafka.ensure_topics(&[TopicSpec::new(topic.clone(), 1, 1).compacted()]).await?;
+    kafka
+        .ensure_topics(&[TopicSpec::new(topic.clone(), 1, 1).compacted()])
+        .await?;
     let records = {
         let (kafka, topic) = (kafka.clone(), topic.clone());
         blocking(move || kafka.read_to_end(&topic, 0, Offset::Beginning)).await?
@@ -154,19 +197,28 @@ async fn deploy(kafka: &Kafka, codec: &Codec, topics: &Topics, file: &PathBuf) -
     let mut latest: Option<WorkflowDefinition> = None;
     for record in &records {
         if let Ok(deployed) = codec.decode::<WorkflowDefinition>(record.payload()).await {
-            if deployed.name == definition.name && latest.as_ref().is_none_or(|l| deployed.version > l.version) {
+            if deployed.name == definition.name
+                && latest.as_ref().is_none_or(|l| deployed.version > l.version)
+            {
                 latest = Some(deployed);
             }
         }
     }
     if let Some(latest) = &latest {
         if latest.source == source {
-            println!("{} version {} is unchanged ({label})", definition.name, latest.version);
+            println!(
+                "{} version {} is unchanged ({label})",
+                definition.name, latest.version
+            );
             return Ok(());
         }
     }
     let version = latest.map_or(1, |l| l.version + 1);
-    let format = if label.ends_with(".json") { DefinitionFormat::Json } else { DefinitionFormat::Yaml };
+    let format = if label.ends_with(".json") {
+        DefinitionFormat::Json
+    } else {
+        DefinitionFormat::Yaml
+    };
     let record = WorkflowDefinition {
         name: definition.name.clone(),
         version,
@@ -247,7 +299,9 @@ async fn home_partition(kafka: &Kafka, topic: &str, id: &str) -> anyhow::Result<
         blocking(move || kafka.partition_count(&topic)).await?
     };
     if partitions == 0 {
-        bail!("topic {topic} does not exist; is the orchestrator running with prefix of this topic?");
+        bail!(
+            "topic {topic} does not exist; is the orchestrator running with prefix of this topic?"
+        );
     }
     Ok(partition_for(id.as_bytes(), partitions as i32))
 }
@@ -259,17 +313,28 @@ async fn status(kafka: &Kafka, codec: &Codec, topics: &Topics, id: &str) -> anyh
         let (kafka, topic) = (kafka.clone(), topic.clone());
         blocking(move || kafka.read_to_end(&topic, partition, Offset::Beginning)).await?
     };
-    let latest = records.iter().rev().find(|r| r.key() == Some(id.as_bytes()));
+    let latest = records
+        .iter()
+        .rev()
+        .find(|r| r.key() == Some(id.as_bytes()));
     let Some(record) = latest.filter(|r| r.payload().is_some()) else {
         bail!("no workflow {id}: it was never started, not yet picked up, or purged");
     };
     let state: WorkflowState = codec.decode(record.payload()).await?;
     let engine: serde_json::Value = serde_json::from_str(&state.engine_state).unwrap_or_default();
     println!("workflow   {}", state.workflow_id);
-    println!("definition {} version {}", state.workflow_name, state.workflow_version);
+    println!(
+        "definition {} version {}",
+        state.workflow_name, state.workflow_version
+    );
     println!("status     {:?}", state.status);
     if let Some(step) = engine["instance"]["current"].as_object() {
-        println!("step       #{} attempt {} ({})", step["index"], step["attempt"], phase_name(&step["phase"]));
+        println!(
+            "step       #{} attempt {} ({})",
+            step["index"],
+            step["attempt"],
+            phase_name(&step["phase"])
+        );
     }
     println!("input      {}", state.input);
     if let Some(output) = &state.output {
@@ -290,7 +355,13 @@ fn phase_name(phase: &serde_json::Value) -> &'static str {
     }
 }
 
-async fn watch(kafka: &Kafka, codec: &Codec, topics: &Topics, id: &str, timeout: Duration) -> anyhow::Result<()> {
+async fn watch(
+    kafka: &Kafka,
+    codec: &Codec,
+    topics: &Topics,
+    id: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let topic = topics.events();
     let partition = home_partition(kafka, &topic, id).await?;
     let consumer: StreamConsumer = kafka.group_consumer_config("edow-cli-watch").create()?;
@@ -307,10 +378,16 @@ async fn watch(kafka: &Kafka, codec: &Codec, topics: &Topics, id: &str, timeout:
         }
         let event: LifecycleEvent = codec.decode(msg.payload()).await?;
         let step = event.step.as_deref().unwrap_or("");
-        let attempt = event.attempt.map(|a| format!(" attempt {a}")).unwrap_or_default();
+        let attempt = event
+            .attempt
+            .map(|a| format!(" attempt {a}"))
+            .unwrap_or_default();
         let detail = event.detail.as_deref().unwrap_or("");
         println!("{} {:?} {step}{attempt} {detail}", event.at, event.kind);
-        if matches!(event.kind, LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFailed) {
+        if matches!(
+            event.kind,
+            LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFailed
+        ) {
             return Ok(());
         }
     }

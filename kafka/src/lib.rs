@@ -181,7 +181,9 @@ impl Kafka {
                 }
                 // Compaction can leave the last offsets empty: the end of the partition ends the read too.
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(records),
-                Some(Err(e)) => return Err(e).with_context(|| format!("reading {topic}/{partition}")),
+                Some(Err(e)) => {
+                    return Err(e).with_context(|| format!("reading {topic}/{partition}"))
+                }
                 None => {}
             }
             if std::time::Instant::now() > deadline {
@@ -266,13 +268,18 @@ pub async fn produce_all(
                     pending.push(delivery);
                     break;
                 }
-                Err((rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ), back)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return Err(e).with_context(|| format!("producing to {}", out.topic)),
+                Err((e, _)) => {
+                    return Err(e).with_context(|| format!("producing to {}", out.topic))
+                }
             }
         }
     }

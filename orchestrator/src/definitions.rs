@@ -32,7 +32,11 @@ pub struct Definitions {
 
 impl Definitions {
     /// Starts reading `topic` from the beginning and returns once everything in it has been read.
-    pub async fn open(kafka: &Kafka, codec: Arc<Codec>, topic: &str) -> anyhow::Result<Definitions> {
+    pub async fn open(
+        kafka: &Kafka,
+        codec: Arc<Codec>,
+        topic: &str,
+    ) -> anyhow::Result<Definitions> {
         let consumer: StreamConsumer = kafka
             .group_consumer_config("edow-definitions-reader")
             .create()
@@ -67,10 +71,13 @@ impl Definitions {
         })
         .await??;
         let mut applied = self.applied.clone();
-        tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|next| *next >= end))
-            .await
-            .context("the definitions topic was not read to its end within 60 s")?
-            .context("the definitions reader stopped")?;
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            applied.wait_for(|next| *next >= end),
+        )
+        .await
+        .context("the definitions topic was not read to its end within 60 s")?
+        .context("the definitions reader stopped")?;
         Ok(())
     }
 
@@ -120,7 +127,9 @@ async fn read_forever(
                                 .versions
                                 .insert((deployed.name, deployed.version), Arc::new(definition));
                         }
-                        Err(e) => tracing::error!(offset, "skipping an invalid deployed definition: {e}"),
+                        Err(e) => {
+                            tracing::error!(offset, "skipping an invalid deployed definition: {e}")
+                        }
                     }
                     break;
                 }

@@ -16,15 +16,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use edow_engine::{Command, Dispatch, Event, EventKind, Failure, Instance, Outcome, Start, TaskOutcome};
+use edow_engine::{
+    Command, Dispatch, Event, EventKind, Failure, Instance, Outcome, Start, TaskOutcome,
+};
 use edow_kafka::dead_letters::{self, Reason};
 use edow_kafka::{now_millis, produce_all, Kafka, Outgoing, TopicSpec, EVENT_ID_HEADER};
 use edow_schemas::contracts::{
-    LifecycleEvent, LifecycleKind, TaskRequested, TaskResult, TaskStatus, WorkflowSignal, WorkflowState,
-    WorkflowTrigger,
+    LifecycleEvent, LifecycleKind, TaskRequested, TaskResult, TaskStatus, WorkflowSignal,
+    WorkflowState, WorkflowTrigger,
 };
 use edow_schemas::{Codec, CodecError, Contract, Topics};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -124,7 +128,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     config.kafka.ensure_topics(&specs).await?;
 
     let codec = Arc::new(Codec::new(&config.registry_url)?);
-    let definitions = Definitions::open(&config.kafka, codec.clone(), &topics.definitions()).await?;
+    let definitions =
+        Definitions::open(&config.kafka, codec.clone(), &topics.definitions()).await?;
     let producer = config.kafka.producer()?;
     let consumer: StreamConsumer<RebalanceTracker> = config
         .kafka
@@ -159,7 +164,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
 impl Orchestrator {
     /// Waits up to one tick for the first input, then takes what else is ready, up to `max_batch`.
-    async fn collect_batch(&self, consumer: &StreamConsumer<RebalanceTracker>) -> Vec<OwnedMessage> {
+    async fn collect_batch(
+        &self,
+        consumer: &StreamConsumer<RebalanceTracker>,
+    ) -> Vec<OwnedMessage> {
         let mut batch = Vec::new();
         let first = tokio::time::timeout(self.config.tick, consumer.recv()).await;
         match first {
@@ -180,7 +188,10 @@ impl Orchestrator {
     }
 
     /// Forgets revoked partitions and restores newly assigned ones from the changelog.
-    async fn handle_rebalances(&mut self, consumer: &StreamConsumer<RebalanceTracker>) -> anyhow::Result<()> {
+    async fn handle_rebalances(
+        &mut self,
+        consumer: &StreamConsumer<RebalanceTracker>,
+    ) -> anyhow::Result<()> {
         for (assigned, partitions) in consumer.context().take() {
             for partition in partitions {
                 if assigned {
@@ -208,21 +219,31 @@ impl Orchestrator {
         let events_topic = self.config.topics.events();
         let records = {
             let (kafka, topic) = (kafka.clone(), state_topic.clone());
-            tokio::task::spawn_blocking(move || kafka.read_to_end(&topic, partition, Offset::Beginning))
-                .await??
+            tokio::task::spawn_blocking(move || {
+                kafka.read_to_end(&topic, partition, Offset::Beginning)
+            })
+            .await??
         };
         let mut state = PartitionState::default();
         let mut latest: HashMap<String, Option<Persisted>> = HashMap::new();
         for record in &records {
-            let Some(key) = record.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+            let Some(key) = record
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+            else {
                 continue;
             };
             if record.payload().is_none() {
                 latest.insert(key, None);
                 continue;
             }
-            let decoded = self.decode_with_retry::<WorkflowState>(record.payload()).await;
-            match decoded.map_err(|e| e.to_string()).and_then(|r| Persisted::from_record(&r)) {
+            let decoded = self
+                .decode_with_retry::<WorkflowState>(record.payload())
+                .await;
+            match decoded
+                .map_err(|e| e.to_string())
+                .and_then(|r| Persisted::from_record(&r))
+            {
                 Ok(persisted) => {
                     latest.insert(key, Some(persisted));
                 }
@@ -264,15 +285,20 @@ impl Orchestrator {
                 .unwrap_or(events_end);
             let produced: HashSet<String> = {
                 let (kafka, topic) = (kafka.clone(), events_topic.clone());
-                tokio::task::spawn_blocking(move || kafka.read_to_end(&topic, partition, Offset::Offset(from)))
-                    .await??
-                    .iter()
-                    .filter_map(event_id_of)
-                    .collect()
+                tokio::task::spawn_blocking(move || {
+                    kafka.read_to_end(&topic, partition, Offset::Offset(from))
+                })
+                .await??
+                .iter()
+                .filter_map(event_id_of)
+                .collect()
             };
             let mut changed = BTreeSet::new();
             for id in pending {
-                let persisted = state.instances.get_mut(&id).expect("pending instance exists");
+                let persisted = state
+                    .instances
+                    .get_mut(&id)
+                    .expect("pending instance exists");
                 let missing = persisted.outbox.commands.iter().any(|c| match c {
                     Command::Emit(e) => !produced.contains(&e.event_id),
                     Command::Dispatch(_) => false,
@@ -306,7 +332,10 @@ impl Orchestrator {
         Ok(state)
     }
 
-    async fn decode_with_retry<T: Contract>(&self, payload: Option<&[u8]>) -> Result<T, CodecError> {
+    async fn decode_with_retry<T: Contract>(
+        &self,
+        payload: Option<&[u8]>,
+    ) -> Result<T, CodecError> {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.codec.decode::<T>(payload).await {
@@ -320,7 +349,11 @@ impl Orchestrator {
         }
     }
 
-    async fn process(&mut self, consumer: &StreamConsumer<RebalanceTracker>, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
+    async fn process(
+        &mut self,
+        consumer: &StreamConsumer<RebalanceTracker>,
+        batch: Vec<OwnedMessage>,
+    ) -> anyhow::Result<()> {
         let now = now_millis();
         let mut out = BatchOutput::default();
         let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
@@ -331,7 +364,8 @@ impl Orchestrator {
             }
             offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
             if let Err(reason) = self.apply(msg, now, &mut out).await {
-                out.dead_letters.push(dead_letters::dead_letter(msg, &reason, SERVICE));
+                out.dead_letters
+                    .push(dead_letters::dead_letter(msg, &reason, SERVICE));
             }
         }
         self.fire_timers(now, &mut out);
@@ -356,18 +390,32 @@ impl Orchestrator {
     }
 
     /// Applies one input to the engine. Err means the input is dead-lettered.
-    async fn apply(&mut self, msg: &OwnedMessage, now: i64, out: &mut BatchOutput) -> Result<(), Reason> {
+    async fn apply(
+        &mut self,
+        msg: &OwnedMessage,
+        now: i64,
+        out: &mut BatchOutput,
+    ) -> Result<(), Reason> {
         let topics = &self.config.topics;
         let topic = msg.topic();
         let codec_reason = |e: CodecError| Reason::new(e.kind(), e.to_string());
         if topic == topics.triggers() {
-            let trigger: WorkflowTrigger = self.decode_with_retry(msg.payload()).await.map_err(codec_reason)?;
+            let trigger: WorkflowTrigger = self
+                .decode_with_retry(msg.payload())
+                .await
+                .map_err(codec_reason)?;
             self.start(msg.partition(), trigger, now, out).await
         } else if topic == topics.results() {
-            let result: TaskResult = self.decode_with_retry(msg.payload()).await.map_err(codec_reason)?;
+            let result: TaskResult = self
+                .decode_with_retry(msg.payload())
+                .await
+                .map_err(codec_reason)?;
             self.apply_result(msg.partition(), result, now, out)
         } else if topic == topics.signals() {
-            let signal: WorkflowSignal = self.decode_with_retry(msg.payload()).await.map_err(codec_reason)?;
+            let signal: WorkflowSignal = self
+                .decode_with_retry(msg.payload())
+                .await
+                .map_err(codec_reason)?;
             Err(Reason::new(
                 "unsupported",
                 format!(
@@ -377,26 +425,42 @@ impl Orchestrator {
                 ),
             ))
         } else {
-            Err(Reason::new("unexpected_topic", format!("no handler for topic {topic}")))
+            Err(Reason::new(
+                "unexpected_topic",
+                format!("no handler for topic {topic}"),
+            ))
         }
     }
 
-    async fn start(&mut self, partition: i32, trigger: WorkflowTrigger, now: i64, out: &mut BatchOutput) -> Result<(), Reason> {
+    async fn start(
+        &mut self,
+        partition: i32,
+        trigger: WorkflowTrigger,
+        now: i64,
+        out: &mut BatchOutput,
+    ) -> Result<(), Reason> {
         if trigger.workflow_id.is_empty() {
-            return Err(Reason::new("invalid", "the trigger has an empty workflow_id; set one"));
+            return Err(Reason::new(
+                "invalid",
+                "the trigger has an empty workflow_id; set one",
+            ));
         }
         let state = self.partitions.get(&partition).expect("owned partition");
         if state.instances.contains_key(&trigger.workflow_id) {
             tracing::debug!(workflow_id = %trigger.workflow_id, "already started; trigger ignored");
             return Ok(());
         }
-        let mut found = self.definitions.get(&trigger.workflow_name, trigger.workflow_version);
+        let mut found = self
+            .definitions
+            .get(&trigger.workflow_name, trigger.workflow_version);
         if found.is_none() {
             // It may have been deployed a moment ago.
             if let Err(e) = self.definitions.catch_up().await {
                 tracing::warn!("catching up with definitions: {e:#}");
             }
-            found = self.definitions.get(&trigger.workflow_name, trigger.workflow_version);
+            found = self
+                .definitions
+                .get(&trigger.workflow_name, trigger.workflow_version);
         }
         let Some((version, definition)) = found else {
             let which = trigger
@@ -411,7 +475,10 @@ impl Orchestrator {
             ));
         };
         let input: Value = serde_json::from_str(&trigger.input).map_err(|e| {
-            Reason::new("invalid", format!("the trigger's input is not a JSON document: {e}"))
+            Reason::new(
+                "invalid",
+                format!("the trigger's input is not a JSON document: {e}"),
+            )
         })?;
         let (instance, commands) = Instance::start(
             &definition,
@@ -428,7 +495,13 @@ impl Orchestrator {
         Ok(())
     }
 
-    fn apply_result(&mut self, partition: i32, result: TaskResult, now: i64, out: &mut BatchOutput) -> Result<(), Reason> {
+    fn apply_result(
+        &mut self,
+        partition: i32,
+        result: TaskResult,
+        now: i64,
+        out: &mut BatchOutput,
+    ) -> Result<(), Reason> {
         let state = self.partitions.get(&partition).expect("owned partition");
         let Some(persisted) = state.instances.get(&result.workflow_id) else {
             return Err(Reason::new(
@@ -457,7 +530,13 @@ impl Orchestrator {
             TaskStatus::Completed => {
                 let output = result.output.as_deref().unwrap_or("null");
                 Outcome::Completed(serde_json::from_str(output).map_err(|e| {
-                    Reason::new("invalid", format!("result {} has an output that is not JSON: {e}", result.task_id))
+                    Reason::new(
+                        "invalid",
+                        format!(
+                            "result {} has an output that is not JSON: {e}",
+                            result.task_id
+                        ),
+                    )
                 })?)
             }
             TaskStatus::Failed => {
@@ -473,7 +552,14 @@ impl Orchestrator {
                 })
             }
         };
-        let commands = instance.on_result(&definition, TaskOutcome { task_id: result.task_id, outcome }, now);
+        let commands = instance.on_result(
+            &definition,
+            TaskOutcome {
+                task_id: result.task_id,
+                outcome,
+            },
+            now,
+        );
         if !commands.is_empty() {
             self.record_change(partition, instance, commands, out);
         }
@@ -483,7 +569,11 @@ impl Orchestrator {
     fn fire_timers(&mut self, now: i64, out: &mut BatchOutput) {
         let owned: Vec<i32> = self.partitions.keys().copied().collect();
         for partition in owned {
-            let due = self.partitions.get_mut(&partition).expect("owned").take_due(now);
+            let due = self
+                .partitions
+                .get_mut(&partition)
+                .expect("owned")
+                .take_due(now);
             for id in due {
                 let Some(persisted) = self.partitions[&partition].instances.get(&id) else {
                     continue;
@@ -500,7 +590,10 @@ impl Orchestrator {
                 if commands.is_empty() {
                     // Not due after all (re-armed); keep it indexed.
                     let persisted = self.partitions[&partition].instances[&id].clone();
-                    self.partitions.get_mut(&partition).expect("owned").put(persisted);
+                    self.partitions
+                        .get_mut(&partition)
+                        .expect("owned")
+                        .put(persisted);
                 } else {
                     self.record_change(partition, instance, commands, out);
                 }
@@ -509,8 +602,17 @@ impl Orchestrator {
     }
 
     /// Stores a changed instance; its outbox collects every command of this batch.
-    fn record_change(&mut self, partition: i32, instance: Instance, commands: Vec<Command>, out: &mut BatchOutput) {
-        let state = self.partitions.get_mut(&partition).expect("owned partition");
+    fn record_change(
+        &mut self,
+        partition: i32,
+        instance: Instance,
+        commands: Vec<Command>,
+        out: &mut BatchOutput,
+    ) {
+        let state = self
+            .partitions
+            .get_mut(&partition)
+            .expect("owned partition");
         let id = instance.workflow_id.clone();
         let mut outbox = match state.instances.get(&id) {
             Some(old) if out.changed.contains(&(partition, id.clone())) => old.outbox.clone(),
@@ -533,7 +635,10 @@ impl Orchestrator {
         let mut events = Vec::new();
         for (partition, id) in changed {
             let persisted = self.partitions[partition].instances[id].clone();
-            let value = self.codec.encode(&topics.state(), &persisted.to_record()).await?;
+            let value = self
+                .codec
+                .encode(&topics.state(), &persisted.to_record())
+                .await?;
             changelog.push(Outgoing {
                 topic: topics.state(),
                 partition: Some(*partition),
@@ -543,14 +648,25 @@ impl Orchestrator {
             });
             for command in &persisted.outbox.commands {
                 match command {
-                    Command::Dispatch(dispatch) => tasks.push(self.task_record(&persisted.instance, dispatch).await?),
-                    Command::Emit(event) => events.push(self.event_record(*partition, &persisted.instance, event).await?),
+                    Command::Dispatch(dispatch) => {
+                        tasks.push(self.task_record(&persisted.instance, dispatch).await?)
+                    }
+                    Command::Emit(event) => events.push(
+                        self.event_record(*partition, &persisted.instance, event)
+                            .await?,
+                    ),
                 }
             }
         }
-        produce_all(&self.producer, &changelog).await.context("writing the changelog")?;
-        produce_all(&self.producer, &tasks).await.context("dispatching tasks")?;
-        let positions = produce_all(&self.producer, &events).await.context("emitting lifecycle events")?;
+        produce_all(&self.producer, &changelog)
+            .await
+            .context("writing the changelog")?;
+        produce_all(&self.producer, &tasks)
+            .await
+            .context("dispatching tasks")?;
+        let positions = produce_all(&self.producer, &events)
+            .await
+            .context("emitting lifecycle events")?;
         for (partition, offset) in positions {
             if let Some(state) = self.partitions.get_mut(&partition) {
                 state.events_end = state.events_end.max(offset + 1);
@@ -559,7 +675,11 @@ impl Orchestrator {
         Ok(())
     }
 
-    async fn task_record(&mut self, instance: &Instance, dispatch: &Dispatch) -> anyhow::Result<Outgoing> {
+    async fn task_record(
+        &mut self,
+        instance: &Instance,
+        dispatch: &Dispatch,
+    ) -> anyhow::Result<Outgoing> {
         let topics = &self.config.topics;
         let topic = if dispatch.retry {
             topics.task_retries(&dispatch.task_type)
@@ -602,7 +722,12 @@ impl Orchestrator {
         })
     }
 
-    async fn event_record(&self, partition: i32, instance: &Instance, event: &Event) -> anyhow::Result<Outgoing> {
+    async fn event_record(
+        &self,
+        partition: i32,
+        instance: &Instance,
+        event: &Event,
+    ) -> anyhow::Result<Outgoing> {
         let topic = self.config.topics.events();
         let record = LifecycleEvent {
             event_id: event.event_id.clone(),

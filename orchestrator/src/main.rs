@@ -14,7 +14,11 @@ struct Args {
     #[arg(long, env = "EDOW_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
     bootstrap_servers: String,
     /// Schema registry URL.
-    #[arg(long, env = "EDOW_SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
+    #[arg(
+        long,
+        env = "EDOW_SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
     registry: String,
     /// Prefix of every edow topic.
     #[arg(long, env = "EDOW_TOPIC_PREFIX", default_value = "edow.")]
@@ -29,7 +33,11 @@ struct Args {
     #[arg(long, env = "EDOW_REPLICATION_FACTOR", default_value_t = 1)]
     replication_factor: i32,
     /// Consumer group of the orchestrator instances.
-    #[arg(long, env = "EDOW_ORCHESTRATOR_GROUP", default_value = "edow-orchestrator")]
+    #[arg(
+        long,
+        env = "EDOW_ORCHESTRATOR_GROUP",
+        default_value = "edow-orchestrator"
+    )]
     group: String,
     /// Most inputs applied per batch.
     #[arg(long, env = "EDOW_MAX_BATCH", default_value_t = 500)]
@@ -42,7 +50,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
     let args = Args::parse();
     let mut kafka = Kafka::new(args.bootstrap_servers);

@@ -63,7 +63,8 @@ impl Persisted {
                 record.engine_state_version
             ));
         }
-        serde_json::from_str(&record.engine_state).map_err(|e| format!("engine_state is unreadable: {e}"))
+        serde_json::from_str(&record.engine_state)
+            .map_err(|e| format!("engine_state is unreadable: {e}"))
     }
 }
 

@@ -134,6 +134,18 @@ pub struct Process {
 impl Process {
     /// Starts `program args` with stdout and stderr appended to `log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], cwd: &Path, log: PathBuf) -> Process {
+        Process::spawn_with_env(name, program, args, cwd, log, &[])
+    }
+
+    /// Like [`Process::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        cwd: &Path,
+        log: PathBuf,
+        env: &[(String, String)],
+    ) -> Process {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -144,6 +156,7 @@ impl Process {
         command
             .args(args)
             .current_dir(cwd)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -154,6 +167,13 @@ impl Process {
             child: Some(child),
             log,
         }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn pid(&self) -> u32 {
@@ -335,5 +355,41 @@ impl Registry {
 
     pub fn process(&mut self) -> &mut Process {
         &mut self.process
+    }
+}
+
+/// One of the workspace's binaries running as a child process, its output in a log file.
+pub struct Binary {
+    process: Process,
+    _dir: TempDir,
+}
+
+impl Binary {
+    /// Starts `name` from `package` with `args` and extra environment.
+    pub fn start(package: &str, name: &str, args: &[String], env: &[(&str, String)]) -> Binary {
+        let binary = workspace_binary(package, name);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("edow-{name}-"))
+            .tempdir()
+            .expect("creating a process dir");
+        let log = dir.path().join(format!("{name}.log"));
+        let mut command_env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        command_env.push((
+            "RUST_LOG".into(),
+            std::env::var("EDOW_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        ));
+        let process = Process::spawn_with_env(name, &binary, args, dir.path(), log, &command_env);
+        Binary { process, _dir: dir }
+    }
+
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
     }
 }

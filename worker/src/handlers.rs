@@ -90,7 +90,10 @@ impl Handler for Fail {
             if fails {
                 Err(HandlerError::retryable(
                     "injected_failure",
-                    format!("fail handler: attempt {} of {} fails by design", task.attempt, task.task_id),
+                    format!(
+                        "fail handler: attempt {} of {} fails by design",
+                        task.attempt, task.task_id
+                    ),
                 ))
             } else {
                 Ok(task.input)
@@ -109,7 +112,8 @@ impl Handler for Trail {
                 Value::Object(map) => map,
                 other => serde_json::Map::from_iter([("input".to_string(), other)]),
             };
-            let entry = json!({"task_type": task.task_type, "step": task.step, "attempt": task.attempt});
+            let entry =
+                json!({"task_type": task.task_type, "step": task.step, "attempt": task.attempt});
             match output.get_mut("trail") {
                 Some(Value::Array(trail)) => trail.push(entry),
                 _ => {
@@ -148,20 +152,26 @@ impl Handler for Http {
         let url = self.url.clone();
         Box::pin(async move {
             let response = request.send().await.map_err(|e| {
-                let code = if e.is_timeout() { "timeout" } else { "unreachable" };
+                let code = if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "unreachable"
+                };
                 HandlerError::retryable(code, format!("POST {url}: {e}"))
             })?;
             let status = response.status();
-            let body = response
-                .text()
-                .await
-                .map_err(|e| HandlerError::retryable("unreadable_response", format!("POST {url}: {e}")))?;
+            let body = response.text().await.map_err(|e| {
+                HandlerError::retryable("unreadable_response", format!("POST {url}: {e}"))
+            })?;
             if status.is_success() {
                 if body.trim().is_empty() {
                     return Ok(Value::Null);
                 }
                 serde_json::from_str(&body).map_err(|e| {
-                    HandlerError::permanent("invalid_output", format!("POST {url} answered {status} with a body that is not JSON: {e}"))
+                    HandlerError::permanent(
+                        "invalid_output",
+                        format!("POST {url} answered {status} with a body that is not JSON: {e}"),
+                    )
                 })
             } else {
                 let code = format!("http_{}", status.as_u16());
@@ -198,28 +208,36 @@ impl Handler for Exec {
             .kill_on_drop(true);
         let program = self.program.clone();
         Box::pin(async move {
-            let mut child = command
-                .spawn()
-                .map_err(|e| HandlerError::permanent("exec_failed", format!("starting {program}: {e}")))?;
+            let mut child = command.spawn().map_err(|e| {
+                HandlerError::permanent("exec_failed", format!("starting {program}: {e}"))
+            })?;
             if let Some(mut stdin) = child.stdin.take() {
                 // A command that does not read its input is fine: ignore a closed pipe.
                 let _ = stdin.write_all(task.input.to_string().as_bytes()).await;
             }
-            let output = child
-                .wait_with_output()
-                .await
-                .map_err(|e| HandlerError::retryable("exec_failed", format!("running {program}: {e}")))?;
+            let output = child.wait_with_output().await.map_err(|e| {
+                HandlerError::retryable("exec_failed", format!("running {program}: {e}"))
+            })?;
             if !output.status.success() {
-                let code = output.status.code().map_or("killed".to_string(), |c| format!("exit_{c}"));
+                let code = output
+                    .status
+                    .code()
+                    .map_or("killed".to_string(), |c| format!("exit_{c}"));
                 let stderr = String::from_utf8_lossy(&output.stderr);
-                return Err(HandlerError::retryable(code, format!("{program} failed: {}", truncate(stderr.trim(), 500))));
+                return Err(HandlerError::retryable(
+                    code,
+                    format!("{program} failed: {}", truncate(stderr.trim(), 500)),
+                ));
             }
             let stdout = String::from_utf8_lossy(&output.stdout);
             if stdout.trim().is_empty() {
                 return Ok(Value::Null);
             }
             serde_json::from_str(&stdout).map_err(|e| {
-                HandlerError::permanent("invalid_output", format!("{program} printed something that is not JSON: {e}"))
+                HandlerError::permanent(
+                    "invalid_output",
+                    format!("{program} printed something that is not JSON: {e}"),
+                )
             })
         })
     }
@@ -302,13 +320,20 @@ mod tests {
     #[tokio::test]
     async fn exec_pipes_json_and_reports_exit_codes() {
         let cat = builtin("exec:cat", Duration::from_secs(1)).unwrap();
-        assert_eq!(cat.handle(task(1, json!({"a": [1, 2]}))).await.unwrap(), json!({"a": [1, 2]}));
-        let failing = builtin("exec:sh -c exit_3_is_not_a_command", Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            cat.handle(task(1, json!({"a": [1, 2]}))).await.unwrap(),
+            json!({"a": [1, 2]})
+        );
+        let failing =
+            builtin("exec:sh -c exit_3_is_not_a_command", Duration::from_secs(1)).unwrap();
         let err = failing.handle(task(1, json!(null))).await.unwrap_err();
         assert_eq!(err.code, "exit_127");
         let not_json = builtin("exec:echo hello", Duration::from_secs(1)).unwrap();
         let err = not_json.handle(task(1, json!(null))).await.unwrap_err();
-        assert_eq!((err.code.as_str(), err.retryable), ("invalid_output", false));
+        assert_eq!(
+            (err.code.as_str(), err.retryable),
+            ("invalid_output", false)
+        );
     }
 
     #[tokio::test]
@@ -333,7 +358,10 @@ mod tests {
             url: url.clone(),
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
         };
-        assert_eq!(h.handle(task(1, json!(1))).await.unwrap(), json!({"ok": true}));
+        assert_eq!(
+            h.handle(task(1, json!(1))).await.unwrap(),
+            json!({"ok": true})
+        );
         let err = h.handle(task(1, json!(1))).await.unwrap_err();
         assert_eq!((err.code.as_str(), err.retryable), ("http_503", true));
         let err = h.handle(task(1, json!(1))).await.unwrap_err();
@@ -342,8 +370,14 @@ mod tests {
 
     #[test]
     fn bad_specs_say_what_is_allowed() {
-        let err = builtin("teleport", Duration::from_secs(1)).err().unwrap().to_string();
-        assert!(err.contains("echo") && err.contains("exec:COMMAND"), "{err}");
+        let err = builtin("teleport", Duration::from_secs(1))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("echo") && err.contains("exec:COMMAND"),
+            "{err}"
+        );
         assert!(builtin("sleep:soon", Duration::from_secs(1)).is_err());
         assert!(builtin("http:ftp://x", Duration::from_secs(1)).is_err());
     }

@@ -56,7 +56,11 @@ struct Answered {
 impl Answered {
     fn remember(&mut self, result: TaskResult) {
         self.running.remove(&result.task_id);
-        if self.results.insert(result.task_id.clone(), result.clone()).is_none() {
+        if self
+            .results
+            .insert(result.task_id.clone(), result.clone())
+            .is_none()
+        {
             self.order.push_back(result.task_id);
             if self.order.len() > self.capacity {
                 if let Some(old) = self.order.pop_front() {
@@ -79,15 +83,24 @@ type Done = (String, i32, i64);
 
 /// Runs until `shutdown` resolves; then stops taking tasks, finishes those running, commits and leaves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    anyhow::ensure!(!config.handlers.is_empty(), "the worker serves no task type; pass --task TYPE=HANDLER");
+    anyhow::ensure!(
+        !config.handlers.is_empty(),
+        "the worker serves no task type; pass --task TYPE=HANDLER"
+    );
     let topics = &config.topics;
     let mut subscriptions = Vec::new();
-    let mut specs = vec![
-        TopicSpec::new(topics.results(), config.partitions, config.replication_factor),
-    ];
+    let mut specs = vec![TopicSpec::new(
+        topics.results(),
+        config.partitions,
+        config.replication_factor,
+    )];
     for task_type in config.handlers.keys() {
         for topic in [topics.tasks(task_type), topics.task_retries(task_type)] {
-            specs.push(TopicSpec::new(topic.clone(), config.task_partitions, config.replication_factor));
+            specs.push(TopicSpec::new(
+                topic.clone(),
+                config.task_partitions,
+                config.replication_factor,
+            ));
             specs.push(TopicSpec::new(
                 Topics::dead_letters(&topic),
                 config.task_partitions,
@@ -175,7 +188,10 @@ fn commit(consumer: &StreamConsumer, tracker: &mut OffsetTracker) {
     }
     let mut list = TopicPartitionList::new();
     for ((topic, partition), next) in &ready {
-        if list.add_partition_offset(topic, *partition, Offset::Offset(*next)).is_err() {
+        if list
+            .add_partition_offset(topic, *partition, Offset::Offset(*next))
+            .is_err()
+        {
             return;
         }
     }
@@ -194,7 +210,11 @@ async fn handle(shared: &Shared, msg: &OwnedMessage) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => {
-                let letter = dead_letters::dead_letter(msg, &Reason::new(e.kind(), e.to_string()), &service(shared));
+                let letter = dead_letters::dead_letter(
+                    msg,
+                    &Reason::new(e.kind(), e.to_string()),
+                    &service(shared),
+                );
                 return dead_letters::publish(&shared.producer, &shared.codec, &letter).await;
             }
         }
@@ -236,10 +256,16 @@ async fn run_task(shared: &Shared, request: &TaskRequested) -> TaskResult {
     let outcome = match shared.config.handlers.get(&request.task_type) {
         None => Err(HandlerError::permanent(
             "no_handler",
-            format!("worker {} has no handler for task type {}", shared.config.worker_id, request.task_type),
+            format!(
+                "worker {} has no handler for task type {}",
+                shared.config.worker_id, request.task_type
+            ),
         )),
         Some(handler) => match serde_json::from_str::<Value>(&request.input) {
-            Err(e) => Err(HandlerError::permanent("invalid_input", format!("task input is not JSON: {e}"))),
+            Err(e) => Err(HandlerError::permanent(
+                "invalid_input",
+                format!("task input is not JSON: {e}"),
+            )),
             Ok(input) => {
                 let task = Task {
                     task_id: request.task_id.clone(),
@@ -253,7 +279,10 @@ async fn run_task(shared: &Shared, request: &TaskRequested) -> TaskResult {
                     Ok(outcome) => outcome,
                     Err(_) => Err(HandlerError::retryable(
                         "timeout",
-                        format!("the handler ran longer than {:?}", shared.config.task_timeout),
+                        format!(
+                            "the handler ran longer than {:?}",
+                            shared.config.task_timeout
+                        ),
                     )),
                 }
             }

@@ -19,7 +19,11 @@ struct Args {
     #[arg(long, env = "EDOW_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
     bootstrap_servers: String,
     /// Schema registry URL.
-    #[arg(long, env = "EDOW_SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
+    #[arg(
+        long,
+        env = "EDOW_SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
     registry: String,
     /// Prefix of every edow topic.
     #[arg(long, env = "EDOW_TOPIC_PREFIX", default_value = "edow.")]
@@ -53,14 +57,16 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
     let args = Args::parse();
     let mut handlers = HashMap::new();
     for spec in &args.tasks {
-        let (task_type, handler) = spec
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--task {spec}: write TYPE=HANDLER, e.g. --task payment.charge=echo"))?;
+        let (task_type, handler) = spec.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--task {spec}: write TYPE=HANDLER, e.g. --task payment.charge=echo")
+        })?;
         let handler = edow_worker::handlers::builtin(handler, args.task_timeout)
             .map_err(|e| anyhow::anyhow!("--task {spec}: {e}"))?;
         handlers.insert(task_type.to_string(), handler);

@@ -1,0 +1,225 @@
+//! End-to-end harness: a real broker and registry, the real orchestrator and worker binaries, the real CLI, and
+//! a reader of the lifecycle events topic to assert on what users would see.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use edow_kafka::{now_millis, produce_all, Kafka, Outgoing};
+use edow_schemas::contracts::{LifecycleEvent, LifecycleKind, WorkflowTrigger};
+use edow_schemas::{Codec, Topics};
+use edow_testkit::{Binary, Broker, Registry};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+pub const PARTITIONS: i32 = 4;
+
+pub struct Cluster {
+    pub broker: Broker,
+    pub registry: Registry,
+    pub kafka: Kafka,
+    pub codec: Codec,
+    pub topics: Topics,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let broker = Broker::start();
+        let registry = Registry::start(&broker);
+        let kafka = Kafka::new(broker.bootstrap_servers());
+        let codec = Codec::new(&registry.url()).unwrap();
+        Cluster {
+            broker,
+            registry,
+            kafka,
+            codec,
+            topics: Topics::default(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("EDOW_BOOTSTRAP_SERVERS", self.broker.bootstrap_servers()),
+            ("EDOW_SCHEMA_REGISTRY_URL", self.registry.url()),
+            ("EDOW_PARTITIONS", PARTITIONS.to_string()),
+            ("EDOW_TASK_PARTITIONS", PARTITIONS.to_string()),
+        ]
+    }
+
+    pub fn orchestrator(&self) -> Binary {
+        let orchestrator = Binary::start("edow-orchestrator", "orchestrator", &[], &self.env());
+        orchestrator
+    }
+
+    /// A worker serving `tasks` (TYPE=HANDLER), ready once it has joined its group.
+    pub fn worker(&self, id: &str, tasks: &[&str], concurrency: usize) -> Binary {
+        let mut args = vec!["--worker-id".to_string(), id.to_string()];
+        args.extend(["--concurrency".to_string(), concurrency.to_string()]);
+        for task in tasks {
+            args.extend(["--task".to_string(), task.to_string()]);
+        }
+        Binary::start("edow-worker", "worker", &args, &self.env())
+    }
+
+    /// Runs the CLI; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_edow"))
+            .args(args)
+            .envs(self.env())
+            .output()
+            .expect("running edow");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Deploys a definition given as YAML text; panics with the CLI's output if it fails.
+    pub fn deploy(&self, yaml: &str) -> String {
+        let file = self.dir.path().join(format!("def-{}.yaml", now_millis()));
+        std::fs::write(&file, yaml).unwrap();
+        let (ok, out, err) = self.cli(&["deploy", file.to_str().unwrap()]);
+        assert!(ok, "deploy failed: {out}{err}");
+        out
+    }
+
+    /// Waits until the orchestrator has created its topics.
+    pub fn wait_for_topics(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self
+            .kafka
+            .partition_count(&self.topics.triggers())
+            .unwrap_or(0)
+            == 0
+            || self
+                .kafka
+                .partition_count(&self.topics.definitions())
+                .unwrap_or(0)
+                == 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the orchestrator did not create its topics"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Produces one trigger per (id, input) straight to the triggers topic.
+    pub async fn start_many(&self, name: &str, workflows: &[(String, String)]) {
+        let topic = self.topics.triggers();
+        let mut records = Vec::new();
+        for (id, input) in workflows {
+            let trigger = WorkflowTrigger {
+                workflow_id: id.clone(),
+                workflow_name: name.to_string(),
+                workflow_version: None,
+                input: input.clone(),
+                idempotency_key: None,
+                correlation_id: Some(format!("corr-{id}")),
+                priority: 0,
+                requested_at: now_millis(),
+                attributes: Default::default(),
+            };
+            records.push(Outgoing {
+                topic: topic.clone(),
+                partition: None,
+                key: id.as_bytes().to_vec(),
+                payload: Some(self.codec.encode(&topic, &trigger).await.unwrap()),
+                headers: Vec::new(),
+            });
+        }
+        produce_all(&self.kafka.producer().unwrap(), &records)
+            .await
+            .unwrap();
+    }
+
+    /// A reader of every lifecycle event from the beginning.
+    pub fn events(&self) -> Events<'_> {
+        let consumer: StreamConsumer = self
+            .kafka
+            .group_consumer_config(&format!("test-events-{}", now_millis()))
+            .create()
+            .unwrap();
+        let mut list = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            list.add_partition_offset(&self.topics.events(), p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&list).unwrap();
+        Events {
+            consumer,
+            codec: &self.codec,
+            seen: Vec::new(),
+        }
+    }
+}
+
+pub struct Events<'a> {
+    consumer: StreamConsumer,
+    codec: &'a Codec,
+    pub seen: Vec<LifecycleEvent>,
+}
+
+impl Events<'_> {
+    /// Reads events until `done(seen)` holds; panics after `timeout` with a summary.
+    pub async fn until(&mut self, timeout: Duration, done: impl Fn(&[LifecycleEvent]) -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(&self.seen) {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(msg)) => {
+                    let event: LifecycleEvent = self.codec.decode(msg.payload()).await.unwrap();
+                    self.seen.push(event);
+                }
+                Ok(Err(e)) => panic!("reading events: {e}"),
+                Err(_) => panic!(
+                    "timed out after {timeout:?}; {} events seen, {:?}",
+                    self.seen.len(),
+                    self.count_by_kind()
+                ),
+            }
+        }
+    }
+
+    /// Reads whatever else arrives within `quiet`.
+    pub async fn drain(&mut self, quiet: Duration) {
+        while let Ok(Ok(msg)) = tokio::time::timeout(quiet, self.consumer.recv()).await {
+            let event: LifecycleEvent = self.codec.decode(msg.payload()).await.unwrap();
+            self.seen.push(event);
+        }
+    }
+
+    pub fn count_by_kind(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for e in &self.seen {
+            *counts.entry(format!("{:?}", e.kind)).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Events of `kind`, per workflow id.
+    pub fn per_workflow(&self, kind: LifecycleKind) -> HashMap<String, Vec<&LifecycleEvent>> {
+        let mut map: HashMap<String, Vec<&LifecycleEvent>> = HashMap::new();
+        for e in self.seen.iter().filter(|e| e.kind == kind) {
+            map.entry(e.workflow_id.clone()).or_default().push(e);
+        }
+        map
+    }
+}
+
+pub fn ended(events: &[LifecycleEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFailed
+            )
+        })
+        .count()
+}
