@@ -61,10 +61,10 @@ pub fn broker_binary() -> PathBuf {
     .clone()
 }
 
-/// Path of one of the workspace's binaries, built on demand when the test run has not built it yet
-/// (a test of one package may need another package's binary).
+/// Path of one of the workspace's binaries, built (once per test process) so that a test never runs a stale
+/// binary of another package; cargo makes that a no-op when it is up to date.
 pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
-    static BUILD: Mutex<()> = Mutex::new(());
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let exe = std::env::current_exe().expect("current test executable");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let profile_dir = exe
@@ -72,11 +72,13 @@ pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
         .and_then(Path::parent)
         .expect("test executable lives in target/<profile>/deps");
     let path = profile_dir.join(name);
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "-p", package, "--bin", name]);
+        build
+            .args(["build", "--quiet", "-p", package, "--bin", name])
+            .current_dir(workspace_root());
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }
@@ -85,6 +87,7 @@ pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
             status.success(),
             "cargo build -p {package} --bin {name} failed"
         );
+        built.push(name.to_string());
     }
     path
 }
@@ -373,14 +376,12 @@ impl Binary {
             .tempdir()
             .expect("creating a process dir");
         let log = dir.path().join(format!("{name}.log"));
-        let mut command_env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        command_env.push((
-            "RUST_LOG".into(),
+        // The caller's environment comes last, so that it can override the log filter.
+        let mut command_env = vec![(
+            "RUST_LOG".to_string(),
             std::env::var("EDOW_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        ));
+        )];
+        command_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
         let process = Process::spawn_with_env(name, &binary, args, dir.path(), log, &command_env);
         Binary { process, _dir: dir }
     }

@@ -62,7 +62,9 @@ impl Cluster {
         for task in tasks {
             args.extend(["--task".to_string(), task.to_string()]);
         }
-        Binary::start("edow-worker", "worker", &args, &self.env())
+        let mut env = self.env();
+        env.push(("RUST_LOG", "info,edow_worker=debug".into()));
+        Binary::start("edow-worker", "worker", &args, &env)
     }
 
     /// Runs the CLI; returns (success, stdout, stderr).
@@ -210,6 +212,23 @@ impl Events<'_> {
         }
         map
     }
+}
+
+/// Every task result published so far.
+pub async fn results(cluster: &Cluster) -> Vec<edow_schemas::contracts::TaskResult> {
+    let mut results = Vec::new();
+    for p in 0..PARTITIONS {
+        let (kafka, topic) = (cluster.kafka.clone(), cluster.topics.results());
+        let records =
+            tokio::task::spawn_blocking(move || kafka.read_to_end(&topic, p, Offset::Beginning))
+                .await
+                .unwrap()
+                .unwrap();
+        for record in records {
+            results.push(cluster.codec.decode(record.payload()).await.unwrap());
+        }
+    }
+    results
 }
 
 pub fn ended(events: &[LifecycleEvent]) -> usize {

@@ -253,6 +253,7 @@ fn service(shared: &Shared) -> String {
 
 async fn run_task(shared: &Shared, request: &TaskRequested) -> TaskResult {
     let started_at = now_millis();
+    tracing::debug!(task_id = %request.task_id, "task started");
     let outcome = match shared.config.handlers.get(&request.task_type) {
         None => Err(HandlerError::permanent(
             "no_handler",
