@@ -18,6 +18,8 @@ use edow_schemas::{Codec, Topics};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+mod load;
+
 #[derive(Parser, Debug)]
 #[command(version, about = "edow: a Kafka-native workflow orchestrator")]
 struct Cli {
@@ -79,6 +81,23 @@ enum Command {
     },
     /// Show an instance's latest state from the changelog.
     Status { id: String },
+    /// Start many instances at once, follow them to the end, and print progress and a latency summary.
+    Load {
+        /// Name of a deployed workflow.
+        name: String,
+        /// How many instances.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Input of every instance, a JSON document; `{i}` is replaced by the instance's number.
+        #[arg(long, default_value = r#"{"order": {i}}"#)]
+        input: String,
+        /// Prefix of the instance ids (`<prefix>-<i>`); default: the name and the time.
+        #[arg(long)]
+        id_prefix: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Print an instance's lifecycle events as they happen, until it ends.
     Watch {
         id: String,
@@ -137,6 +156,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             println!("{id}");
             Ok(())
+        }
+        Command::Load {
+            name,
+            count,
+            input,
+            id_prefix,
+            timeout,
+        } => {
+            let prefix = id_prefix.unwrap_or_else(|| format!("{name}-{:x}", now_millis()));
+            let settings = load::Load {
+                name,
+                count,
+                input,
+                prefix,
+                timeout: Duration::from_secs(timeout),
+            };
+            load::run(&kafka, &codec, &topics, settings).await
         }
         Command::Status { id } => status(&kafka, &codec, &topics, &id).await,
         Command::Watch { id, timeout } => {

@@ -117,8 +117,28 @@ impl Kafka {
                 Err((name, code)) => bail!("creating topic {name}: {code}"),
             }
         }
+        // A cluster may take a moment to show a topic it has just created.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let counts: std::collections::HashMap<String, usize> = loop {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(None, Duration::from_secs(10))
+                .context("reading topic metadata")?;
+            let counts: std::collections::HashMap<String, usize> = metadata
+                .topics()
+                .iter()
+                .map(|t| (t.name().to_string(), t.partitions().len()))
+                .collect();
+            let all_visible = topics
+                .iter()
+                .all(|t| counts.get(&t.name).is_some_and(|n| *n > 0));
+            if all_visible || std::time::Instant::now() > deadline {
+                break counts;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         for spec in topics {
-            let actual = self.partition_count(&spec.name)?;
+            let actual = counts.get(&spec.name).copied().unwrap_or(0);
             if actual != spec.partitions as usize {
                 bail!(
                     "topic {} has {actual} partitions but {} are configured; partition counts cannot change \

@@ -16,10 +16,12 @@ use edow_kafka::dead_letters::{self, Reason};
 use edow_kafka::{now_millis, produce_all, Kafka, Outgoing, TopicSpec};
 use edow_schemas::contracts::{TaskError, TaskRequested, TaskResult, TaskStatus};
 use edow_schemas::{Codec, Topics};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
 
@@ -78,6 +80,28 @@ struct Shared {
     answered: Mutex<Answered>,
 }
 
+/// Logs partition assignments, so an operator (and the demo) can see a worker has joined its group.
+struct LogRebalances;
+
+impl ClientContext for LogRebalances {}
+
+impl ConsumerContext for LogRebalances {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let assigned: Vec<String> = list
+                    .elements()
+                    .iter()
+                    .map(|e| format!("{}/{}", e.topic(), e.partition()))
+                    .collect();
+                tracing::info!(?assigned, "partitions assigned");
+            }
+            Rebalance::Revoke(list) => tracing::info!(count = list.count(), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
+        }
+    }
+}
+
 /// A finished task: its partition and offset, for the commit.
 type Done = (String, i32, i64);
 
@@ -110,10 +134,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     }
     config.kafka.ensure_topics(&specs).await?;
-    let consumer: StreamConsumer = config
+    let consumer: StreamConsumer<LogRebalances> = config
         .kafka
         .group_consumer_config(&config.group)
-        .create()
+        .create_with_context(LogRebalances)
         .context("creating the worker's consumer")?;
     let names: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
@@ -181,7 +205,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-fn commit(consumer: &StreamConsumer, tracker: &mut OffsetTracker) {
+fn commit(consumer: &StreamConsumer<LogRebalances>, tracker: &mut OffsetTracker) {
     let ready = tracker.take_committable();
     if ready.is_empty() {
         return;
