@@ -101,6 +101,111 @@ fn compose_runs_confluent_schema_registry_on_kafka() {
     );
 }
 
+/// Binaries the Dockerfile copies into the image.
+const IMAGE_BINARIES: [&str; 4] = ["orchestrator", "worker", "edow", "edow-registry"];
+
+/// Every `EDOW_*` variable that the orchestrator, worker or CLI reads, from their `--help`.
+fn edow_env_vars_read_by_binaries() -> BTreeSet<String> {
+    let binaries = [
+        edow_testkit::workspace_binary("edow-orchestrator", "orchestrator"),
+        edow_testkit::workspace_binary("edow-worker", "worker"),
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_edow")),
+    ];
+    let mut vars = BTreeSet::new();
+    for binary in binaries {
+        for args in [vec!["--help"], vec!["start", "--help"]] {
+            let output = Command::new(&binary).args(&args).output().unwrap();
+            let help = String::from_utf8_lossy(&output.stdout);
+            vars.extend(
+                help.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("EDOW_"))
+                    .map(str::to_string),
+            );
+        }
+    }
+    assert!(
+        vars.contains("EDOW_BOOTSTRAP_SERVERS") && vars.contains("EDOW_SCHEMA_REGISTRY_URL"),
+        "{vars:?}"
+    );
+    vars
+}
+
+/// Every `--task` of a worker command is TYPE=HANDLER with a known handler.
+fn assert_worker_tasks(command: &[Value], origin: &str) {
+    let words: Vec<&str> = command.iter().map(|w| w.as_str().unwrap()).collect();
+    let tasks: Vec<&str> = words
+        .windows(2)
+        .filter(|w| w[0] == "--task")
+        .map(|w| w[1])
+        .collect();
+    assert!(!tasks.is_empty(), "{origin}: the worker serves no task");
+    for task in tasks {
+        let (task_type, handler) = task
+            .split_once('=')
+            .unwrap_or_else(|| panic!("{origin}: {task}"));
+        assert!(!task_type.is_empty(), "{origin}: {task}");
+        let kind = handler.split(':').next().unwrap();
+        assert!(
+            ["echo", "trail", "sleep", "fail", "http", "exec"].contains(&kind),
+            "{origin}: unknown handler in {task}"
+        );
+    }
+}
+
+#[test]
+fn compose_runs_the_orchestrator_and_scalable_workers_against_kafka_and_the_registry() {
+    let compose = compose();
+    let services = &compose["services"];
+    let read_by_binaries = edow_env_vars_read_by_binaries();
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    for binary in IMAGE_BINARIES {
+        assert!(
+            dockerfile.contains(&format!("release/{binary}")),
+            "the image lacks {binary}"
+        );
+    }
+    for name in ["orchestrator", "worker", "cli"] {
+        let service = &services[name];
+        assert_eq!(service["image"], "edow:local", "{name}");
+        assert_eq!(
+            env_of(service, "EDOW_BOOTSTRAP_SERVERS"),
+            "kafka:29092",
+            "{name}: the internal listener"
+        );
+        assert_eq!(
+            env_of(service, "EDOW_SCHEMA_REGISTRY_URL"),
+            "http://schema-registry:8081",
+            "{name}"
+        );
+        for key in service["environment"].as_mapping().unwrap().keys() {
+            let key = key.as_str().unwrap();
+            assert!(
+                key == "RUST_LOG" || read_by_binaries.contains(key),
+                "{name} sets {key}, which nothing reads"
+            );
+        }
+    }
+    assert_eq!(services["orchestrator"]["build"], ".");
+    assert_eq!(
+        services["orchestrator"]["depends_on"]["schema-registry"]["condition"].as_str(),
+        Some("service_healthy")
+    );
+    let worker = &services["worker"];
+    assert_eq!(worker["command"][0], "worker");
+    assert_worker_tasks(
+        worker["command"].as_sequence().unwrap(),
+        "docker-compose.yml worker",
+    );
+    assert!(
+        worker["deploy"]["replicas"].as_u64().unwrap() >= 2,
+        "two workers by default"
+    );
+    assert!(
+        worker.get("ports").is_none() && worker.get("container_name").is_none(),
+        "workers must scale"
+    );
+}
+
 fn k8s_documents() -> Vec<(String, Value)> {
     let mut docs = Vec::new();
     for entry in std::fs::read_dir(root().join("k8s")).unwrap() {
@@ -121,7 +226,7 @@ fn k8s_documents() -> Vec<(String, Value)> {
 }
 
 #[test]
-fn k8s_manifests_are_namespaced_and_configure_every_variable_the_cli_reads() {
+fn k8s_manifests_are_namespaced_and_configure_what_the_binaries_read() {
     let docs = k8s_documents();
     let namespace = docs
         .iter()
@@ -150,23 +255,52 @@ fn k8s_manifests_are_namespaced_and_configure_every_variable_the_cli_reads() {
         .expect("ConfigMap edow-config");
     let data = config.1["data"].as_mapping().unwrap();
 
-    let help = Command::new(env!("CARGO_BIN_EXE_edow"))
-        .args(["schemas", "register", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&help.stdout);
-    let read_by_cli: BTreeSet<&str> = help
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| w.starts_with("EDOW_"))
-        .collect();
-    assert!(read_by_cli.contains("EDOW_SCHEMA_REGISTRY_URL"), "{help}");
-    for var in read_by_cli {
+    let read_by_binaries = edow_env_vars_read_by_binaries();
+    for key in data.keys() {
+        let key = key.as_str().unwrap();
         assert!(
-            data.contains_key(Value::String(var.to_string())),
-            "k8s/config.yaml does not set {var}, which edow reads"
+            key == "RUST_LOG" || read_by_binaries.contains(key),
+            "k8s/config.yaml sets {key}, which no edow binary reads"
         );
     }
-    assert!(data.contains_key(Value::String("EDOW_BOOTSTRAP_SERVERS".into())));
+    for var in [
+        "EDOW_BOOTSTRAP_SERVERS",
+        "EDOW_SCHEMA_REGISTRY_URL",
+        "EDOW_TOPIC_PREFIX",
+        "EDOW_PARTITIONS",
+    ] {
+        assert!(
+            data.contains_key(Value::String(var.into())),
+            "k8s/config.yaml misses {var}"
+        );
+    }
+    for (file, doc) in docs.iter().filter(|(_, d)| d["kind"] == "Deployment") {
+        let containers = doc["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap();
+        let selector = &doc["spec"]["selector"]["matchLabels"];
+        for (k, v) in selector.as_mapping().unwrap() {
+            assert_eq!(
+                &doc["spec"]["template"]["metadata"]["labels"][k.as_str().unwrap()],
+                v,
+                "{file}"
+            );
+        }
+        for container in containers {
+            assert_eq!(
+                container["envFrom"][0]["configMapRef"]["name"], "edow-config",
+                "{file}"
+            );
+            let binary = container["command"][0].as_str().unwrap();
+            assert!(
+                IMAGE_BINARIES.contains(&binary),
+                "{file} runs {binary}, which the image lacks"
+            );
+            if binary == "worker" {
+                assert_worker_tasks(container["command"].as_sequence().unwrap(), file);
+            }
+        }
+    }
 
     let kustomization = docs
         .iter()

@@ -51,8 +51,7 @@ impl Cluster {
     }
 
     pub fn orchestrator(&self) -> Binary {
-        let orchestrator = Binary::start("edow-orchestrator", "orchestrator", &[], &self.env());
-        orchestrator
+        Binary::start("edow-orchestrator", "orchestrator", &[], &self.env())
     }
 
     /// A worker serving `tasks` (TYPE=HANDLER), ready once it has joined its group.
