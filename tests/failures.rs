@@ -232,3 +232,88 @@ async fn bad_inputs_are_dead_lettered_with_their_reason_and_good_ones_keep_flowi
     assert!(error.contains("not a JSON document"), "{error}");
     assert_eq!(letters.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_task_is_answered_from_memory_not_run_twice() {
+    use edow_schemas::contracts::TaskRequested;
+
+    let cluster = Cluster::start();
+    let _worker = cluster.worker("w1", &["once.op=sleep:200ms"], 4);
+    let topic = cluster.topics.tasks("once.op");
+    let task = TaskRequested {
+        task_id: "dup-1/op/1".into(),
+        workflow_id: "dup-1".into(),
+        workflow_name: "none".into(),
+        workflow_version: 1,
+        step: "op".into(),
+        task_type: "once.op".into(),
+        attempt: 1,
+        input: r#"{"v":1}"#.into(),
+        deadline_at: None,
+        priority: 0,
+        correlation_id: None,
+        requested_at: 0,
+    };
+    // Wait for the worker to create its topics, then deliver the same task twice, some time apart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.kafka.partition_count(&topic).unwrap_or(0) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not create {topic}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let record = Outgoing {
+        topic: topic.clone(),
+        partition: None,
+        key: b"dup-1".to_vec(),
+        payload: Some(cluster.codec.encode(&topic, &task).await.unwrap()),
+        headers: Vec::new(),
+    };
+    let producer = cluster.kafka.producer().unwrap();
+    produce_all(&producer, std::slice::from_ref(&record))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    produce_all(&producer, &[record]).await.unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let results = loop {
+        let results = common::results(&cluster).await;
+        if results.len() >= 2 || std::time::Instant::now() > deadline {
+            break results;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        results.len(),
+        2,
+        "both deliveries are answered: {results:?}"
+    );
+    assert_eq!(
+        results[0], results[1],
+        "the second answer is the first, not a second run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_count_that_differs_from_the_existing_topics_is_a_clear_startup_error() {
+    let cluster = Cluster::start();
+    let _first = cluster.orchestrator();
+    cluster.wait_for_topics();
+    let output = std::process::Command::new(edow_testkit::workspace_binary(
+        "edow-orchestrator",
+        "orchestrator",
+    ))
+    .args(["--partitions", "7"])
+    .env("EDOW_BOOTSTRAP_SERVERS", cluster.broker.bootstrap_servers())
+    .env("EDOW_SCHEMA_REGISTRY_URL", cluster.registry.url())
+    .output()
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("has 4 partitions but 7 are configured"),
+        "{stderr}"
+    );
+}
