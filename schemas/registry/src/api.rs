@@ -246,6 +246,11 @@ impl SchemaRequest {
     }
 }
 
+/// The schema a request body carries, checked.
+fn schema_from(body: &Bytes) -> Result<CanonicalSchema, ApiError> {
+    parse_body::<SchemaRequest>(body)?.canonical()
+}
+
 fn version_body(subject: &str, version: u32, id: u32, schema: &str) -> Value {
     json!({"subject": subject, "version": version, "id": id, "schema": schema})
 }
@@ -351,8 +356,7 @@ async fn lookup(
     Query(q): Params,
     body: Bytes,
 ) -> ApiResult {
-    let request: SchemaRequest = parse_body(&body)?;
-    let schema = request.canonical()?;
+    let schema = schema_from(&body)?;
     let deleted = flag(&q, "deleted");
     let store = s.log.read();
     store
@@ -365,8 +369,7 @@ async fn lookup(
 }
 
 async fn register(State(s): Shared, Path(subject): Path<String>, body: Bytes) -> ApiResult {
-    let request: SchemaRequest = parse_body(&body)?;
-    let schema = request.canonical()?;
+    let schema = schema_from(&body)?;
     let _writer = s.writer.lock().await;
     for _ in 0..REGISTRATION_ATTEMPTS {
         s.log.sync().await.map_err(ApiError::store)?;
@@ -532,8 +535,7 @@ async fn check_against_all(
     Query(q): Params,
     body: Bytes,
 ) -> ApiResult {
-    let request: SchemaRequest = parse_body(&body)?;
-    let schema = request.canonical()?;
+    let schema = schema_from(&body)?;
     let store = s.log.read();
     let problems =
         store.incompatibilities(&subject, &schema, store.effective_level(&subject), None);
@@ -547,8 +549,7 @@ async fn check_against_version(
     body: Bytes,
 ) -> ApiResult {
     let version = parse_version(&version)?;
-    let request: SchemaRequest = parse_body(&body)?;
-    let schema = request.canonical()?;
+    let schema = schema_from(&body)?;
     let (v, _, _) = find_version(&s, &subject, version, false)?;
     let store = s.log.read();
     let level = store.effective_level(&subject);
