@@ -128,8 +128,16 @@ pub async fn run(kafka: &Kafka, codec: &Codec, topics: &Topics, load: Load) -> a
                 }
             }
             LifecycleKind::StepRetried => retries += 1,
-            LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFailed => {
-                if event.kind == LifecycleKind::WorkflowCompleted {
+            LifecycleKind::WorkflowCompleted
+            | LifecycleKind::WorkflowFiltered
+            | LifecycleKind::WorkflowFailed
+            | LifecycleKind::WorkflowCompensated
+            | LifecycleKind::WorkflowCancelled
+            | LifecycleKind::CompensationFailed => {
+                if matches!(
+                    event.kind,
+                    LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFiltered
+                ) {
                     completed += 1;
                 } else {
                     failed += 1;

@@ -10,8 +10,8 @@ use edow_engine::Definition;
 use edow_kafka::murmur2::partition_for;
 use edow_kafka::{now_millis, produce_all, Kafka, Outgoing, TopicSpec};
 use edow_schemas::contracts::{
-    fixed_topic_contracts, DefinitionFormat, LifecycleEvent, LifecycleKind, WorkflowDefinition,
-    WorkflowState, WorkflowTrigger,
+    fixed_topic_contracts, DefinitionFormat, LifecycleEvent, LifecycleKind, SignalKind,
+    WorkflowDefinition, WorkflowSignal, WorkflowState, WorkflowTrigger,
 };
 use edow_schemas::topics::value_subject;
 use edow_schemas::{Codec, Topics};
@@ -78,6 +78,20 @@ enum Command {
         version: Option<i32>,
         #[arg(long)]
         correlation_id: Option<String>,
+    },
+    /// Send a named signal to a running instance (a wait step listening for it continues).
+    Signal {
+        id: String,
+        name: String,
+        /// Payload, a JSON document; the wait step's output.
+        #[arg(long, default_value = "null")]
+        payload: String,
+    },
+    /// Cancel a running instance: its completed steps are compensated, then it ends as cancelled.
+    Cancel {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// Show an instance's latest state from the changelog.
     Status { id: String },
@@ -173,6 +187,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout: Duration::from_secs(timeout),
             };
             load::run(&kafka, &codec, &topics, settings).await
+        }
+        Command::Signal { id, name, payload } => {
+            signal(
+                &kafka,
+                &codec,
+                &topics,
+                &id,
+                SignalKind::Signal,
+                Some(name),
+                &payload,
+            )
+            .await
+        }
+        Command::Cancel { id, reason } => {
+            let payload = serde_json::Value::String(reason).to_string();
+            signal(
+                &kafka,
+                &codec,
+                &topics,
+                &id,
+                SignalKind::Cancel,
+                None,
+                &payload,
+            )
+            .await
         }
         Command::Status { id } => status(&kafka, &codec, &topics, &id).await,
         Command::Watch { id, timeout } => {
@@ -358,19 +397,16 @@ async fn status(kafka: &Kafka, codec: &Codec, topics: &Topics, id: &str) -> anyh
     };
     let state: WorkflowState = codec.decode(record.payload()).await?;
     let engine: serde_json::Value = serde_json::from_str(&state.engine_state).unwrap_or_default();
+    let instance: Option<edow_engine::Instance> =
+        serde_json::from_value(engine["instance"].clone()).ok();
     println!("workflow   {}", state.workflow_id);
     println!(
         "definition {} version {}",
         state.workflow_name, state.workflow_version
     );
     println!("status     {:?}", state.status);
-    if let Some(step) = engine["instance"]["current"].as_object() {
-        println!(
-            "step       #{} attempt {} ({})",
-            step["index"],
-            step["attempt"],
-            phase_name(&step["phase"])
-        );
+    for (step, doing) in instance.iter().flat_map(|i| i.running_steps()) {
+        println!("step       {step}: {doing}");
     }
     println!("input      {}", state.input);
     if let Some(output) = &state.output {
@@ -383,12 +419,38 @@ async fn status(kafka: &Kafka, codec: &Codec, topics: &Topics, id: &str) -> anyh
     Ok(())
 }
 
-fn phase_name(phase: &serde_json::Value) -> &'static str {
-    if phase.get("BackingOff").is_some() {
-        "waiting to retry"
-    } else {
-        "running"
-    }
+#[allow(clippy::too_many_arguments)]
+async fn signal(
+    kafka: &Kafka,
+    codec: &Codec,
+    topics: &Topics,
+    id: &str,
+    kind: SignalKind,
+    name: Option<String>,
+    payload: &str,
+) -> anyhow::Result<()> {
+    serde_json::from_str::<serde_json::Value>(payload)
+        .with_context(|| format!("--payload is not a JSON document: {payload}"))?;
+    let topic = topics.signals();
+    let signal = WorkflowSignal {
+        signal_id: format!("{id}/{:x}-{:x}", now_millis(), std::process::id()),
+        workflow_id: id.to_string(),
+        kind,
+        name,
+        payload: payload.to_string(),
+        correlation_id: None,
+        sent_at: now_millis(),
+    };
+    let record = Outgoing {
+        payload: Some(codec.encode(&topic, &signal).await?),
+        topic,
+        partition: None,
+        key: id.as_bytes().to_vec(),
+        headers: Vec::new(),
+    };
+    produce_all(&kafka.producer()?, &[record]).await?;
+    println!("{}", signal.signal_id);
+    Ok(())
 }
 
 async fn watch(
@@ -422,7 +484,12 @@ async fn watch(
         println!("{} {:?} {step}{attempt} {detail}", event.at, event.kind);
         if matches!(
             event.kind,
-            LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFailed
+            LifecycleKind::WorkflowCompleted
+                | LifecycleKind::WorkflowFailed
+                | LifecycleKind::WorkflowCancelled
+                | LifecycleKind::WorkflowCompensated
+                | LifecycleKind::WorkflowFiltered
+                | LifecycleKind::CompensationFailed
         ) {
             return Ok(());
         }

@@ -1,7 +1,9 @@
-//! edow's workflow engine: definitions ([`definition`]) and the state machine that runs them ([`machine`]).
-//! No Kafka, clock or network in here: drivers feed inputs and carry out the commands.
+//! edow's workflow engine: definitions ([`definition`]), conditions and data mapping ([`expr`]), and the state
+//! machine that runs them ([`machine`]). No Kafka, clock or network in here: drivers feed inputs and carry out the
+//! commands.
 
 pub mod definition;
+pub mod expr;
 pub mod machine;
 
 pub use definition::{Definition, DefinitionError, RetryPolicy};

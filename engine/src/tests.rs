@@ -27,6 +27,7 @@ fn start(id: &str) -> Start {
         input: json!({"order": id}),
         correlation_id: None,
         priority: 0,
+        parent: None,
     }
 }
 
@@ -103,7 +104,7 @@ fn a_sequence_chains_each_output_into_the_next_input() {
     assert_eq!(wf.status, Status::Completed);
     assert_eq!(wf.output, Some(json!({"shipped": "T-1"})));
     assert_eq!(wf.sequence, 4);
-    assert!(wf.current.is_none());
+    assert!(wf.running_steps().is_empty());
 }
 
 #[test]
@@ -311,7 +312,7 @@ proptest! {
         let completions = kinds(&commands).iter().filter(|k| matches!(k, EventKind::WorkflowCompleted | EventKind::WorkflowFailed)).count();
         prop_assert!(completions <= 1);
         prop_assert_eq!(completions == 1, wf.is_terminal());
-        prop_assert_eq!(wf.current.is_none(), wf.is_terminal());
+        prop_assert_eq!(wf.running_steps().is_empty(), wf.is_terminal());
         let json = serde_json::to_string(&wf).unwrap();
         prop_assert!(json.len() < 1_000, "state grew to {} bytes", json.len());
     }

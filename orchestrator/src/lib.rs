@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use edow_engine::{
-    Command, Dispatch, Event, EventKind, Failure, Instance, Outcome, Start, TaskOutcome,
+    Command, Definition, Dispatch, Event, EventKind, Failure, Instance, Outcome, Start, TaskOutcome,
 };
 use edow_kafka::dead_letters::{self, Reason};
 use edow_kafka::{now_millis, produce_all, Kafka, Outgoing, TopicSpec, EVENT_ID_HEADER};
 use edow_schemas::contracts::{
-    LifecycleEvent, LifecycleKind, TaskRequested, TaskResult, TaskStatus, WorkflowSignal,
-    WorkflowState, WorkflowTrigger,
+    LifecycleEvent, LifecycleKind, SignalKind, TaskError, TaskRequested, TaskResult, TaskStatus,
+    WorkflowSignal, WorkflowState, WorkflowTrigger,
 };
 use edow_schemas::{Codec, CodecError, Contract, Topics};
 use rdkafka::consumer::{
@@ -38,6 +38,9 @@ use definitions::Definitions;
 use partition::{Outbox, PartitionState, Persisted};
 
 const SERVICE: &str = "orchestrator";
+
+/// Trigger attribute naming the parent of a child workflow.
+pub const PARENT_ATTRIBUTE: &str = "edow.parent";
 
 /// How the orchestrator reaches Kafka and the registry, and the shape of its topics.
 #[derive(Debug, Clone)]
@@ -301,13 +304,13 @@ impl Orchestrator {
                     .expect("pending instance exists");
                 let missing = persisted.outbox.commands.iter().any(|c| match c {
                     Command::Emit(e) => !produced.contains(&e.event_id),
-                    Command::Dispatch(_) => false,
+                    _ => false,
                 });
                 if missing {
                     // Produce the whole outbox minus the events already there; duplicate tasks are harmless.
                     persisted.outbox.commands.retain(|c| match c {
                         Command::Emit(e) => !produced.contains(&e.event_id),
-                        Command::Dispatch(_) => true,
+                        _ => true,
                     });
                     replayed += 1;
                 } else {
@@ -416,14 +419,7 @@ impl Orchestrator {
                 .decode_with_retry(msg.payload())
                 .await
                 .map_err(codec_reason)?;
-            Err(Reason::new(
-                "unsupported",
-                format!(
-                    "signal {} for workflow {}: this orchestrator version does not handle signals yet; \
-                     replay it from this dead-letter topic after upgrading",
-                    signal.signal_id, signal.workflow_id
-                ),
-            ))
+            self.apply_signal(msg.partition(), signal, now, out)
         } else {
             Err(Reason::new(
                 "unexpected_topic",
@@ -488,6 +484,7 @@ impl Orchestrator {
                 input,
                 correlation_id: trigger.correlation_id,
                 priority: trigger.priority,
+                parent: trigger.attributes.get(PARENT_ATTRIBUTE).cloned(),
             },
             now,
         );
@@ -495,25 +492,24 @@ impl Orchestrator {
         Ok(())
     }
 
-    fn apply_result(
-        &mut self,
+    /// The instance `workflow_id` of `partition` with its pinned definition, or why the input is dead-lettered.
+    fn instance_of(
+        &self,
         partition: i32,
-        result: TaskResult,
-        now: i64,
-        out: &mut BatchOutput,
-    ) -> Result<(), Reason> {
+        workflow_id: &str,
+        what: &str,
+    ) -> Result<(Instance, Arc<Definition>), Reason> {
         let state = self.partitions.get(&partition).expect("owned partition");
-        let Some(persisted) = state.instances.get(&result.workflow_id) else {
+        let Some(persisted) = state.instances.get(workflow_id) else {
             return Err(Reason::new(
                 "unknown_instance",
                 format!(
-                    "result {} is for workflow {}, which this partition does not hold: it was purged, or the result \
-                     was produced with a partitioner other than murmur2",
-                    result.task_id, result.workflow_id
+                    "{what} is for workflow {workflow_id}, which this partition does not hold: it was never \
+                     started, was purged, or the record was produced with a partitioner other than murmur2"
                 ),
             ));
         };
-        let mut instance = persisted.instance.clone();
+        let instance = persisted.instance.clone();
         let Some((_, definition)) = self
             .definitions
             .get(&instance.workflow_name, Some(instance.workflow_version))
@@ -526,21 +522,30 @@ impl Orchestrator {
                 ),
             ));
         };
+        Ok((instance, definition))
+    }
+
+    fn apply_result(
+        &mut self,
+        partition: i32,
+        result: TaskResult,
+        now: i64,
+        out: &mut BatchOutput,
+    ) -> Result<(), Reason> {
+        let what = format!("result {}", result.task_id);
+        let (mut instance, definition) = self.instance_of(partition, &result.workflow_id, &what)?;
         let outcome = match result.status {
             TaskStatus::Completed => {
                 let output = result.output.as_deref().unwrap_or("null");
                 Outcome::Completed(serde_json::from_str(output).map_err(|e| {
                     Reason::new(
                         "invalid",
-                        format!(
-                            "result {} has an output that is not JSON: {e}",
-                            result.task_id
-                        ),
+                        format!("{what} has an output that is not JSON: {e}"),
                     )
                 })?)
             }
             TaskStatus::Failed => {
-                let error = result.error.unwrap_or(edow_schemas::contracts::TaskError {
+                let error = result.error.unwrap_or(TaskError {
                     code: "unknown".into(),
                     message: "the worker reported a failure without an error".into(),
                     retryable: true,
@@ -552,15 +557,55 @@ impl Orchestrator {
                 })
             }
         };
-        let commands = instance.on_result(
-            &definition,
-            TaskOutcome {
-                task_id: result.task_id,
-                outcome,
-            },
-            now,
-        );
-        if !commands.is_empty() {
+        let before = instance.sequence;
+        let outcome = TaskOutcome {
+            task_id: result.task_id,
+            outcome,
+        };
+        let commands = instance.on_result(&definition, outcome, now);
+        if instance.sequence != before {
+            self.record_change(partition, instance, commands, out);
+        }
+        Ok(())
+    }
+
+    fn apply_signal(
+        &mut self,
+        partition: i32,
+        signal: WorkflowSignal,
+        now: i64,
+        out: &mut BatchOutput,
+    ) -> Result<(), Reason> {
+        let what = format!("signal {}", signal.signal_id);
+        let (mut instance, definition) = self.instance_of(partition, &signal.workflow_id, &what)?;
+        let before = instance.sequence;
+        let commands = match signal.kind {
+            SignalKind::Cancel => {
+                instance.on_cancel(&definition, &signal.signal_id, &signal.payload_text(), now)
+            }
+            SignalKind::Signal => {
+                let name = signal.name.clone().ok_or_else(|| {
+                    Reason::new(
+                        "invalid",
+                        format!("{what} has no name; set the name a wait step listens for"),
+                    )
+                })?;
+                let payload: Value = serde_json::from_str(&signal.payload).map_err(|e| {
+                    Reason::new(
+                        "invalid",
+                        format!("{what} has a payload that is not JSON: {e}"),
+                    )
+                })?;
+                instance.on_signal(&definition, &signal.signal_id, &name, payload, now)
+            }
+            SignalKind::Unknown => return Err(Reason::new(
+                "unsupported",
+                format!(
+                    "{what} has a kind this orchestrator does not know; upgrade it, then replay"
+                ),
+            )),
+        };
+        if instance.sequence != before {
             self.record_change(partition, instance, commands, out);
         }
         Ok(())
@@ -586,8 +631,9 @@ impl Orchestrator {
                     tracing::error!(workflow_id = %id, "timer due but its definition is gone");
                     continue;
                 };
+                let before = instance.sequence;
                 let commands = instance.on_timer(&definition, now);
-                if commands.is_empty() {
+                if instance.sequence == before {
                     // Not due after all (re-armed); keep it indexed.
                     let persisted = self.partitions[&partition].instances[&id].clone();
                     self.partitions
@@ -655,6 +701,7 @@ impl Orchestrator {
                         self.event_record(*partition, &persisted.instance, event)
                             .await?,
                     ),
+                    other => tasks.push(self.workflow_record(&persisted.instance, other).await?),
                 }
             }
         }
@@ -708,7 +755,7 @@ impl Orchestrator {
             task_type: dispatch.task_type.clone(),
             attempt: dispatch.attempt as i32,
             input: dispatch.input.to_string(),
-            deadline_at: None,
+            deadline_at: dispatch.deadline,
             priority: instance.priority,
             correlation_id: instance.correlation_id.clone(),
             requested_at: now_millis(),
@@ -718,6 +765,95 @@ impl Orchestrator {
             topic,
             partition: None,
             key: instance.workflow_id.as_bytes().to_vec(),
+            headers: Vec::new(),
+        })
+    }
+
+    /// A record that starts, cancels or reports to another workflow.
+    async fn workflow_record(
+        &self,
+        instance: &Instance,
+        command: &Command,
+    ) -> anyhow::Result<Outgoing> {
+        let topics = &self.config.topics;
+        let now = now_millis();
+        let (topic, key, payload) = match command {
+            Command::StartChild {
+                child_id,
+                name,
+                version,
+                input,
+            } => {
+                let trigger = WorkflowTrigger {
+                    workflow_id: child_id.clone(),
+                    workflow_name: name.clone(),
+                    workflow_version: *version,
+                    input: input.to_string(),
+                    idempotency_key: None,
+                    correlation_id: instance.correlation_id.clone(),
+                    priority: instance.priority,
+                    requested_at: now,
+                    attributes: [(PARENT_ATTRIBUTE.to_string(), instance.workflow_id.clone())]
+                        .into(),
+                };
+                let topic = topics.triggers();
+                let payload = self.codec.encode(&topic, &trigger).await?;
+                (topic, child_id, payload)
+            }
+            Command::CancelChild { child_id } => {
+                let reason = format!("parent {} no longer needs it", instance.workflow_id);
+                let signal = WorkflowSignal {
+                    signal_id: format!("{child_id}/cancel-by-parent"),
+                    workflow_id: child_id.clone(),
+                    kind: SignalKind::Cancel,
+                    name: None,
+                    payload: Value::String(reason).to_string(),
+                    correlation_id: instance.correlation_id.clone(),
+                    sent_at: now,
+                };
+                let topic = topics.signals();
+                let payload = self.codec.encode(&topic, &signal).await?;
+                (topic, child_id, payload)
+            }
+            Command::ReportToParent {
+                parent_id,
+                task_id,
+                outcome,
+            } => {
+                let (status, output, error) = match outcome {
+                    Outcome::Completed(v) => (TaskStatus::Completed, Some(v.to_string()), None),
+                    Outcome::Failed(f) => {
+                        let error = TaskError {
+                            code: f.code.clone(),
+                            message: f.message.clone(),
+                            retryable: false,
+                        };
+                        (TaskStatus::Failed, None, Some(error))
+                    }
+                };
+                let result = TaskResult {
+                    task_id: task_id.clone(),
+                    workflow_id: parent_id.clone(),
+                    step: "child-workflow".into(),
+                    attempt: 1,
+                    status,
+                    output,
+                    error,
+                    worker_id: format!("workflow:{}", instance.workflow_id),
+                    started_at: instance.created_at,
+                    finished_at: instance.updated_at,
+                };
+                let topic = topics.results();
+                let payload = self.codec.encode(&topic, &result).await?;
+                (topic, parent_id, payload)
+            }
+            Command::Dispatch(_) | Command::Emit(_) => unreachable!("produced as tasks and events"),
+        };
+        Ok(Outgoing {
+            topic,
+            partition: None,
+            key: key.as_bytes().to_vec(),
+            payload: Some(payload),
             headers: Vec::new(),
         })
     }
@@ -760,6 +896,11 @@ fn lifecycle_kind(kind: EventKind) -> LifecycleKind {
         EventKind::StepRetried => LifecycleKind::StepRetried,
         EventKind::WorkflowCompleted => LifecycleKind::WorkflowCompleted,
         EventKind::WorkflowFailed => LifecycleKind::WorkflowFailed,
+        EventKind::Compensating => LifecycleKind::Compensating,
+        EventKind::WorkflowCancelled => LifecycleKind::WorkflowCancelled,
+        EventKind::WorkflowCompensated => LifecycleKind::WorkflowCompensated,
+        EventKind::WorkflowFiltered => LifecycleKind::WorkflowFiltered,
+        EventKind::CompensationFailed => LifecycleKind::CompensationFailed,
     }
 }
 

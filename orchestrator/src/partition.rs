@@ -40,8 +40,13 @@ impl Persisted {
             workflow_version: i.workflow_version,
             status: match i.status {
                 Status::Running => WorkflowStatus::Running,
+                Status::Compensating => WorkflowStatus::Compensating,
                 Status::Completed => WorkflowStatus::Completed,
                 Status::Failed => WorkflowStatus::Failed,
+                Status::Cancelled => WorkflowStatus::Cancelled,
+                Status::Compensated => WorkflowStatus::Compensated,
+                Status::CompensationFailed => WorkflowStatus::CompensationFailed,
+                Status::Filtered => WorkflowStatus::Filtered,
             },
             input: i.input.to_string(),
             output: i.output.as_ref().map(|o| o.to_string()),

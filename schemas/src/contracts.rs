@@ -72,6 +72,17 @@ pub struct WorkflowSignal {
 }
 contract!(WorkflowSignal, "workflow_signal.avsc");
 
+impl WorkflowSignal {
+    /// The payload as text: a JSON string's content, or the JSON itself.
+    pub fn payload_text(&self) -> String {
+        match serde_json::from_str::<serde_json::Value>(&self.payload) {
+            Ok(serde_json::Value::String(s)) => s,
+            Ok(serde_json::Value::Null) => String::new(),
+            _ => self.payload.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRequested {
     pub task_id: String,
@@ -131,7 +142,10 @@ pub enum LifecycleKind {
     WorkflowFailed,
     WorkflowCancelled,
     WorkflowCompensated,
+    /// A kind added after this build was made.
     Unknown,
+    WorkflowFiltered,
+    CompensationFailed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

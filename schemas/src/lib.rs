@@ -74,6 +74,39 @@ mod tests {
     }
 
     #[test]
+    fn every_lifecycle_kind_keeps_its_symbol() {
+        use LifecycleKind::*;
+        for kind in [
+            WorkflowStarted,
+            StepStarted,
+            StepCompleted,
+            StepFailed,
+            StepRetried,
+            Compensating,
+            WorkflowCompleted,
+            WorkflowFailed,
+            WorkflowCancelled,
+            WorkflowCompensated,
+            Unknown,
+            WorkflowFiltered,
+            CompensationFailed,
+        ] {
+            round_trip(LifecycleEvent {
+                event_id: "e".into(),
+                workflow_id: "w".into(),
+                workflow_name: "n".into(),
+                workflow_version: 1,
+                kind,
+                step: None,
+                attempt: None,
+                detail: None,
+                correlation_id: None,
+                at: 0,
+            });
+        }
+    }
+
+    #[test]
     fn every_contract_round_trips_through_its_schema() {
         round_trip(WorkflowTrigger {
             workflow_id: "order-1".into(),

@@ -236,7 +236,12 @@ pub fn ended(events: &[LifecycleEvent]) -> usize {
         .filter(|e| {
             matches!(
                 e.kind,
-                LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFailed
+                LifecycleKind::WorkflowCompleted
+                    | LifecycleKind::WorkflowFailed
+                    | LifecycleKind::WorkflowCancelled
+                    | LifecycleKind::WorkflowCompensated
+                    | LifecycleKind::WorkflowFiltered
+                    | LifecycleKind::CompensationFailed
             )
         })
         .count()
