@@ -46,17 +46,31 @@ fn render(commands: &[Command], out: &mut String) {
                 d.task_id,
                 d.task_type,
                 d.input,
-                d.deadline.map(|t| format!(" deadline {t}")).unwrap_or_default()
+                d.deadline
+                    .map(|t| format!(" deadline {t}"))
+                    .unwrap_or_default()
             ),
             Command::Emit(e) => format!(
                 "event {:?}{}{}",
                 e.kind,
                 e.step.as_ref().map(|s| format!(" {s}")).unwrap_or_default(),
-                e.detail.as_ref().map(|d| format!(" {d}")).unwrap_or_default()
+                e.detail
+                    .as_ref()
+                    .map(|d| format!(" {d}"))
+                    .unwrap_or_default()
             ),
-            Command::StartChild { child_id, name, input, .. } => format!("start child {child_id} ({name}) {input}"),
+            Command::StartChild {
+                child_id,
+                name,
+                input,
+                ..
+            } => format!("start child {child_id} ({name}) {input}"),
             Command::CancelChild { child_id } => format!("cancel child {child_id}"),
-            Command::ReportToParent { parent_id, task_id, outcome } => {
+            Command::ReportToParent {
+                parent_id,
+                task_id,
+                outcome,
+            } => {
                 format!("report to {parent_id} as {task_id}: {outcome:?}")
             }
         };
@@ -84,30 +98,60 @@ fn run(history: &History) -> String {
     for input in &history.inputs {
         now += 1;
         let commands = match input {
-            Input { result: Some((task_id, output)), .. } => {
+            Input {
+                result: Some((task_id, output)),
+                ..
+            } => {
                 out.push_str(&format!("> result {task_id} {output}\n"));
                 let outcome = Outcome::Completed(output.clone());
-                instance.on_result(&definition, TaskOutcome { task_id: task_id.clone(), outcome }, now)
+                instance.on_result(
+                    &definition,
+                    TaskOutcome {
+                        task_id: task_id.clone(),
+                        outcome,
+                    },
+                    now,
+                )
             }
-            Input { fail: Some((task_id, code, retryable)), .. } => {
-                out.push_str(&format!("> fail {task_id} {code}{}\n", if *retryable { " (retryable)" } else { "" }));
+            Input {
+                fail: Some((task_id, code, retryable)),
+                ..
+            } => {
+                out.push_str(&format!(
+                    "> fail {task_id} {code}{}\n",
+                    if *retryable { " (retryable)" } else { "" }
+                ));
                 let outcome = Outcome::Failed(Failure {
                     code: code.clone(),
                     message: format!("{code} happened"),
                     retryable: *retryable,
                 });
-                instance.on_result(&definition, TaskOutcome { task_id: task_id.clone(), outcome }, now)
+                instance.on_result(
+                    &definition,
+                    TaskOutcome {
+                        task_id: task_id.clone(),
+                        outcome,
+                    },
+                    now,
+                )
             }
-            Input { advance: Some(ms), .. } => {
+            Input {
+                advance: Some(ms), ..
+            } => {
                 now += ms;
                 out.push_str(&format!("> clock +{ms} ms = {now}\n"));
                 instance.on_timer(&definition, now)
             }
-            Input { signal: Some((id, name, payload)), .. } => {
+            Input {
+                signal: Some((id, name, payload)),
+                ..
+            } => {
                 out.push_str(&format!("> signal {name} ({id}) {payload}\n"));
                 instance.on_signal(&definition, id, name, payload.clone(), now)
             }
-            Input { cancel: Some(id), .. } => {
+            Input {
+                cancel: Some(id), ..
+            } => {
                 out.push_str(&format!("> cancel ({id})\n"));
                 instance.on_cancel(&definition, id, "by the test", now)
             }
@@ -139,9 +183,15 @@ fn every_pattern_matches_its_golden_history() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let update = std::env::var("EDOW_UPDATE_GOLDEN").is_ok();
     let mut checked = 0;
-    let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
-    for path in entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "yaml")) {
+    for path in entries
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+    {
         let history: History = serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let rendered = run(&history);
@@ -149,9 +199,18 @@ fn every_pattern_matches_its_golden_history() {
         if update {
             std::fs::write(&golden, &rendered).unwrap();
         } else {
-            let expected = std::fs::read_to_string(&golden)
-                .unwrap_or_else(|_| panic!("{} is missing; run with EDOW_UPDATE_GOLDEN=1", golden.display()));
-            assert_eq!(rendered, expected, "{} differs from its golden history", path.display());
+            let expected = std::fs::read_to_string(&golden).unwrap_or_else(|_| {
+                panic!(
+                    "{} is missing; run with EDOW_UPDATE_GOLDEN=1",
+                    golden.display()
+                )
+            });
+            assert_eq!(
+                rendered,
+                expected,
+                "{} differs from its golden history",
+                path.display()
+            );
         }
         checked += 1;
     }

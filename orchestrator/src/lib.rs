@@ -598,12 +598,14 @@ impl Orchestrator {
                 })?;
                 instance.on_signal(&definition, &signal.signal_id, &name, payload, now)
             }
-            SignalKind::Unknown => return Err(Reason::new(
-                "unsupported",
-                format!(
+            SignalKind::Unknown => {
+                return Err(Reason::new(
+                    "unsupported",
+                    format!(
                     "{what} has a kind this orchestrator does not know; upgrade it, then replay"
                 ),
-            )),
+                ))
+            }
         };
         if instance.sequence != before {
             self.record_change(partition, instance, commands, out);
