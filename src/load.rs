@@ -128,16 +128,8 @@ pub async fn run(kafka: &Kafka, codec: &Codec, topics: &Topics, load: Load) -> a
                 }
             }
             LifecycleKind::StepRetried => retries += 1,
-            LifecycleKind::WorkflowCompleted
-            | LifecycleKind::WorkflowFiltered
-            | LifecycleKind::WorkflowFailed
-            | LifecycleKind::WorkflowCompensated
-            | LifecycleKind::WorkflowCancelled
-            | LifecycleKind::CompensationFailed => {
-                if matches!(
-                    event.kind,
-                    LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFiltered
-                ) {
+            kind if kind.ends_workflow() => {
+                if kind.is_success() {
                     completed += 1;
                 } else {
                     failed += 1;

@@ -10,8 +10,8 @@ use edow_engine::Definition;
 use edow_kafka::murmur2::partition_for;
 use edow_kafka::{now_millis, produce_all, Kafka, Outgoing, TopicSpec};
 use edow_schemas::contracts::{
-    fixed_topic_contracts, DefinitionFormat, LifecycleEvent, LifecycleKind, SignalKind,
-    WorkflowDefinition, WorkflowSignal, WorkflowState, WorkflowTrigger,
+    fixed_topic_contracts, DefinitionFormat, LifecycleEvent, SignalKind, WorkflowDefinition,
+    WorkflowSignal, WorkflowState, WorkflowTrigger,
 };
 use edow_schemas::topics::value_subject;
 use edow_schemas::{Codec, Topics};
@@ -482,15 +482,7 @@ async fn watch(
             .unwrap_or_default();
         let detail = event.detail.as_deref().unwrap_or("");
         println!("{} {:?} {step}{attempt} {detail}", event.at, event.kind);
-        if matches!(
-            event.kind,
-            LifecycleKind::WorkflowCompleted
-                | LifecycleKind::WorkflowFailed
-                | LifecycleKind::WorkflowCancelled
-                | LifecycleKind::WorkflowCompensated
-                | LifecycleKind::WorkflowFiltered
-                | LifecycleKind::CompensationFailed
-        ) {
+        if event.kind.ends_workflow() {
             return Ok(());
         }
     }

@@ -50,17 +50,7 @@ fn examples() -> std::path::PathBuf {
 fn endings(events: &[LifecycleEvent]) -> HashMap<String, &LifecycleEvent> {
     events
         .iter()
-        .filter(|e| {
-            matches!(
-                e.kind,
-                LifecycleKind::WorkflowCompleted
-                    | LifecycleKind::WorkflowFailed
-                    | LifecycleKind::WorkflowCancelled
-                    | LifecycleKind::WorkflowCompensated
-                    | LifecycleKind::WorkflowFiltered
-                    | LifecycleKind::CompensationFailed
-            )
-        })
+        .filter(|e| e.kind.ends_workflow())
         .map(|e| (e.workflow_id.clone(), e))
         .collect()
 }

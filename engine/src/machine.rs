@@ -1590,26 +1590,11 @@ impl Instance {
         }
         self.error = Some(error.clone());
         if self.undo_log.is_empty() {
-            self.status = match end {
-                End::Failed => Status::Failed,
-                End::Cancelled => Status::Cancelled,
+            let (status, kind) = match end {
+                End::Failed => (Status::Failed, EventKind::WorkflowFailed),
+                End::Cancelled => (Status::Cancelled, EventKind::WorkflowCancelled),
             };
-            let kind = match end {
-                End::Failed => EventKind::WorkflowFailed,
-                End::Cancelled => EventKind::WorkflowCancelled,
-            };
-            commands.push(event(
-                &self.workflow_id,
-                kind,
-                None,
-                None,
-                Some(Value::String(error.clone())),
-            ));
-            commands.extend(self.report(Outcome::Failed(Failure {
-                code: "workflow_failed".into(),
-                message: error,
-                retryable: false,
-            })));
+            commands.extend(self.end_unsuccessfully(status, kind, "workflow_failed", error));
             return commands;
         }
         self.status = Status::Compensating;
@@ -1624,31 +1609,40 @@ impl Instance {
         commands
     }
 
+    /// Ends the instance with `status`: the end event, and the report to a parent that it failed.
+    fn end_unsuccessfully(
+        &mut self,
+        status: Status,
+        kind: EventKind,
+        code: &str,
+        error: String,
+    ) -> Vec<Command> {
+        self.status = status;
+        self.error = Some(error.clone());
+        let mut commands = vec![event(
+            &self.workflow_id,
+            kind,
+            None,
+            None,
+            Some(Value::String(error.clone())),
+        )];
+        commands.extend(self.report(Outcome::Failed(Failure {
+            code: code.into(),
+            message: error,
+            retryable: false,
+        })));
+        commands
+    }
+
     fn next_undo(&mut self, definition: &Definition, end: End, now: Millis) -> Vec<Command> {
         let Some(entry) = self.undo_log.pop() else {
             self.undoing = None;
-            self.status = match end {
-                End::Failed => Status::Compensated,
-                End::Cancelled => Status::Cancelled,
-            };
-            let kind = match end {
-                End::Failed => EventKind::WorkflowCompensated,
-                End::Cancelled => EventKind::WorkflowCancelled,
+            let (status, kind) = match end {
+                End::Failed => (Status::Compensated, EventKind::WorkflowCompensated),
+                End::Cancelled => (Status::Cancelled, EventKind::WorkflowCancelled),
             };
             let error = self.error.clone().unwrap_or_default();
-            let mut commands = vec![event(
-                &self.workflow_id,
-                kind,
-                None,
-                None,
-                Some(Value::String(error.clone())),
-            )];
-            commands.extend(self.report(Outcome::Failed(Failure {
-                code: "workflow_failed".into(),
-                message: error,
-                retryable: false,
-            })));
-            return commands;
+            return self.end_unsuccessfully(status, kind, "workflow_failed", error);
         };
         let input = json!({"input": entry.input, "output": entry.output, "error": self.error});
         let step = definition.step(&entry.step).clone();
@@ -1698,25 +1692,17 @@ impl Instance {
             }
             Progress::Failed(failure) => {
                 self.undoing = None;
-                self.status = Status::CompensationFailed;
                 let error = format!(
                     "{}; then compensation '{path}' failed: {}",
                     self.error.clone().unwrap_or_default(),
                     failure.message
                 );
-                self.error = Some(error.clone());
-                commands.push(event(
-                    &self.workflow_id,
+                commands.extend(self.end_unsuccessfully(
+                    Status::CompensationFailed,
                     EventKind::CompensationFailed,
-                    None,
-                    None,
-                    Some(Value::String(error.clone())),
+                    "compensation_failed",
+                    error,
                 ));
-                commands.extend(self.report(Outcome::Failed(Failure {
-                    code: "compensation_failed".into(),
-                    message: error,
-                    retryable: false,
-                })));
             }
             Progress::Running | Progress::Filtered(_) => {}
         }

@@ -163,6 +163,29 @@ pub struct LifecycleEvent {
 }
 contract!(LifecycleEvent, "lifecycle_event.avsc");
 
+impl LifecycleKind {
+    /// Whether this event ends its workflow (successfully or not).
+    pub fn ends_workflow(self) -> bool {
+        matches!(
+            self,
+            LifecycleKind::WorkflowCompleted
+                | LifecycleKind::WorkflowFailed
+                | LifecycleKind::WorkflowCancelled
+                | LifecycleKind::WorkflowCompensated
+                | LifecycleKind::WorkflowFiltered
+                | LifecycleKind::CompensationFailed
+        )
+    }
+
+    /// Whether this event ends its workflow with its work done (completed, or ended early by a filter).
+    pub fn is_success(self) -> bool {
+        matches!(
+            self,
+            LifecycleKind::WorkflowCompleted | LifecycleKind::WorkflowFiltered
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum WorkflowStatus {

@@ -231,18 +231,5 @@ pub async fn results(cluster: &Cluster) -> Vec<edow_schemas::contracts::TaskResu
 }
 
 pub fn ended(events: &[LifecycleEvent]) -> usize {
-    events
-        .iter()
-        .filter(|e| {
-            matches!(
-                e.kind,
-                LifecycleKind::WorkflowCompleted
-                    | LifecycleKind::WorkflowFailed
-                    | LifecycleKind::WorkflowCancelled
-                    | LifecycleKind::WorkflowCompensated
-                    | LifecycleKind::WorkflowFiltered
-                    | LifecycleKind::CompensationFailed
-            )
-        })
-        .count()
+    events.iter().filter(|e| e.kind.ends_workflow()).count()
 }
