@@ -274,7 +274,15 @@ async fn a_redelivered_task_is_answered_from_memory_not_run_twice() {
     produce_all(&producer, std::slice::from_ref(&record))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The second delivery comes after the first was answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while common::results(&cluster).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first delivery was not answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     produce_all(&producer, &[record]).await.unwrap();
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -155,10 +155,13 @@ async fn a_task_of_a_killed_worker_is_redelivered_to_the_other_and_completes() {
     let workflows: Vec<(String, String)> = (0..12)
         .map(|i| (format!("long-{i}"), "{}".to_string()))
         .collect();
-    // Let both workers join and split the partitions first.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let both workers join and split the partitions first (the later of the two first assignments is the shared one),
+    // then kill the doomed one once it is running a task.
+    for worker in [&doomed, &survivor] {
+        common::wait_for_log(worker, "partitions assigned", Duration::from_secs(60)).await;
+    }
     cluster.start_many("long", &workflows).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    common::wait_for_log(&doomed, "task started", Duration::from_secs(60)).await;
     doomed.process().kill();
 
     let mut events = cluster.events();

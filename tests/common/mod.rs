@@ -213,6 +213,19 @@ impl Events<'_> {
     }
 }
 
+/// Waits until `process`'s log contains `text`; panics with the log after `timeout`.
+pub async fn wait_for_log(process: &Binary, text: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !process.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no '{text}' within {timeout:?} in:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Every task result published so far.
 pub async fn results(cluster: &Cluster) -> Vec<edow_schemas::contracts::TaskResult> {
     let mut results = Vec::new();
