@@ -47,6 +47,14 @@ struct Cli {
         default_value = "edow."
     )]
     topic_prefix: String,
+    /// Replication factor of the definitions topic when `deploy` has to create it.
+    #[arg(
+        long,
+        global = true,
+        env = "EDOW_REPLICATION_FACTOR",
+        default_value_t = 1
+    )]
+    replication_factor: i32,
     #[command(subcommand)]
     command: Command,
 }
@@ -146,7 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Schemas { action } => schemas(&codec, &cli.registry, &topics, action).await,
         Command::Deploy { files } => {
             for file in files {
-                deploy(&kafka, &codec, &topics, &file).await?;
+                deploy(&kafka, &codec, &topics, &file, cli.replication_factor).await?;
             }
             Ok(())
         }
@@ -257,13 +265,14 @@ async fn deploy(
     codec: &Codec,
     topics: &Topics,
     file: &PathBuf,
+    replication_factor: i32,
 ) -> anyhow::Result<()> {
     let label = file.display().to_string();
     let source = std::fs::read_to_string(file).with_context(|| format!("reading {label}"))?;
     let definition = Definition::parse(&label, &source)?;
     let topic = topics.definitions();
     kafka
-        .ensure_topics(&[TopicSpec::new(topic.clone(), 1, 1).compacted()])
+        .ensure_topics(&[TopicSpec::new(topic.clone(), 1, replication_factor).compacted()])
         .await?;
     let records = {
         let (kafka, topic) = (kafka.clone(), topic.clone());
