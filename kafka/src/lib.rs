@@ -3,6 +3,7 @@
 
 pub mod dead_letters;
 pub mod murmur2;
+pub mod process;
 
 use std::time::Duration;
 

@@ -5,7 +5,6 @@ use std::time::Duration;
 use clap::Parser;
 use edow_kafka::Kafka;
 use edow_schemas::Topics;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "edow orchestrator")]
@@ -49,12 +48,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    edow_kafka::process::init_logging();
     let args = Args::parse();
     let mut kafka = Kafka::new(args.bootstrap_servers);
     kafka.session_timeout = Duration::from_millis(args.session_timeout_ms);
@@ -69,15 +63,5 @@ async fn main() -> anyhow::Result<()> {
         max_batch: args.max_batch,
         tick: Duration::from_millis(50),
     };
-    edow_orchestrator::run(config, shutdown_signal()).await
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    edow_orchestrator::run(config, edow_kafka::process::shutdown_signal()).await
 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 use clap::Parser;
 use edow_kafka::Kafka;
 use edow_schemas::Topics;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "edow worker")]
@@ -56,12 +55,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    edow_kafka::process::init_logging();
     let args = Args::parse();
     let mut handlers = HashMap::new();
     for spec in &args.tasks {
@@ -91,15 +85,5 @@ async fn main() -> anyhow::Result<()> {
         task_partitions: args.task_partitions,
         replication_factor: args.replication_factor,
     };
-    edow_worker::run(config, shutdown_signal()).await
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    edow_worker::run(config, edow_kafka::process::shutdown_signal()).await
 }
