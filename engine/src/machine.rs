@@ -1518,17 +1518,11 @@ impl Instance {
                 };
                 match output {
                     Ok(output) => {
-                        self.root = None;
-                        self.status = Status::Completed;
-                        self.output = Some(output.clone());
-                        commands.push(event(
-                            &self.workflow_id,
+                        commands.extend(self.end_successfully(
+                            Status::Completed,
                             EventKind::WorkflowCompleted,
-                            None,
-                            None,
-                            Some(output.clone()),
+                            output,
                         ));
-                        commands.extend(self.report(Outcome::Completed(output)));
                     }
                     Err(message) => {
                         return self.begin_undo(
@@ -1541,17 +1535,11 @@ impl Instance {
                 }
             }
             Progress::Filtered(output) => {
-                self.root = None;
-                self.status = Status::Filtered;
-                self.output = Some(output.clone());
-                commands.push(event(
-                    &self.workflow_id,
+                commands.extend(self.end_successfully(
+                    Status::Filtered,
                     EventKind::WorkflowFiltered,
-                    None,
-                    None,
-                    Some(output.clone()),
+                    output,
                 ));
-                commands.extend(self.report(Outcome::Completed(output)));
             }
             Progress::Failed(failure) => {
                 return self.begin_undo(definition, End::Failed, failure.message, now)
@@ -1606,6 +1594,22 @@ impl Instance {
             Some(Value::String(error)),
         ));
         commands.extend(self.next_undo(definition, end, now));
+        commands
+    }
+
+    /// Ends the instance with `status` and `output`: the end event, and the report to a parent.
+    fn end_successfully(&mut self, status: Status, kind: EventKind, output: Value) -> Vec<Command> {
+        self.root = None;
+        self.status = status;
+        self.output = Some(output.clone());
+        let mut commands = vec![event(
+            &self.workflow_id,
+            kind,
+            None,
+            None,
+            Some(output.clone()),
+        )];
+        commands.extend(self.report(Outcome::Completed(output)));
         commands
     }
 
