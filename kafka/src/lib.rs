@@ -1,6 +1,7 @@
 //! edow's Kafka edges, shared by orchestrator, worker and CLI: client settings ([`Kafka`]), topic creation and
 //! checks, Kafka's murmur2 partitioning, reading a partition to its end, and dead-letter publishing.
 
+pub mod args;
 pub mod dead_letters;
 pub mod murmur2;
 pub mod process;

@@ -4,8 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use clap::Parser;
-use edow_kafka::Kafka;
-use edow_schemas::Topics;
+use edow_kafka::args::ClusterArgs;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "edow worker")]
@@ -14,19 +13,8 @@ struct Args {
     /// fail:N, fail:always, http:URL, exec:COMMAND.
     #[arg(long = "task", value_name = "TYPE=HANDLER", required = true)]
     tasks: Vec<String>,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "EDOW_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
-    bootstrap_servers: String,
-    /// Schema registry URL.
-    #[arg(
-        long,
-        env = "EDOW_SCHEMA_REGISTRY_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
-    registry: String,
-    /// Prefix of every edow topic.
-    #[arg(long, env = "EDOW_TOPIC_PREFIX", default_value = "edow.")]
-    topic_prefix: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Consumer group of the workers.
     #[arg(long, env = "EDOW_WORKER_GROUP", default_value = "edow-workers")]
     group: String,
@@ -39,18 +27,6 @@ struct Args {
     /// Longest a handler may run before the attempt fails as a retryable timeout.
     #[arg(long, env = "EDOW_TASK_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     task_timeout: Duration,
-    /// Partitions of the results topic when this worker has to create it.
-    #[arg(long, env = "EDOW_PARTITIONS", default_value_t = 6)]
-    partitions: i32,
-    /// Partitions of the task topics when this worker has to create them.
-    #[arg(long, env = "EDOW_TASK_PARTITIONS", default_value_t = 6)]
-    task_partitions: i32,
-    /// Replication factor of topics created.
-    #[arg(long, env = "EDOW_REPLICATION_FACTOR", default_value_t = 1)]
-    replication_factor: i32,
-    /// Consumer group session timeout in milliseconds: how long a dead worker keeps its partitions.
-    #[arg(long, env = "EDOW_SESSION_TIMEOUT_MS", default_value_t = 6000)]
-    session_timeout_ms: u64,
 }
 
 #[tokio::main]
@@ -66,24 +42,22 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--task {spec}: {e}"))?;
         handlers.insert(task_type.to_string(), handler);
     }
-    let mut kafka = Kafka::new(args.bootstrap_servers);
-    kafka.session_timeout = Duration::from_millis(args.session_timeout_ms);
     let worker_id = args.worker_id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
         format!("{}-{}", host.trim(), std::process::id())
     });
     let config = edow_worker::Config {
-        kafka,
-        registry_url: args.registry,
-        topics: Topics::new(args.topic_prefix),
+        kafka: args.cluster.kafka(),
+        topics: args.cluster.topics(),
+        registry_url: args.cluster.registry,
         group: args.group,
         worker_id,
         handlers,
         concurrency: args.concurrency,
         task_timeout: args.task_timeout,
-        partitions: args.partitions,
-        task_partitions: args.task_partitions,
-        replication_factor: args.replication_factor,
+        partitions: args.cluster.partitions,
+        task_partitions: args.cluster.task_partitions,
+        replication_factor: args.cluster.replication_factor,
     };
     edow_worker::run(config, edow_kafka::process::shutdown_signal()).await
 }
