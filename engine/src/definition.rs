@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::expr;
+use crate::limits::Limits;
 
 /// A parsed, validated workflow definition.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +26,10 @@ pub struct Definition {
     /// Expression for the workflow's output; default: the last step's output.
     pub output: Option<String>,
     pub steps: Vec<Step>,
+    /// Most elements a map step of this definition may iterate over (from the [`Limits`] it was parsed with).
+    pub max_map_items: usize,
+    /// Deepest chain of child workflows an instance of this definition may be part of.
+    pub max_child_depth: u32,
     by_name: BTreeMap<String, Step>,
 }
 
@@ -216,7 +221,8 @@ impl RetryPolicy {
     pub fn backoff_cap(&self, retry: u32) -> Duration {
         let factor = self.multiplier.powi(retry.saturating_sub(1).min(64) as i32);
         let cap = self.initial_backoff.as_secs_f64() * factor;
-        Duration::from_secs_f64(cap.min(self.max_backoff.as_secs_f64()))
+        Duration::try_from_secs_f64(cap.min(self.max_backoff.as_secs_f64()))
+            .unwrap_or(self.max_backoff)
     }
 }
 
@@ -374,6 +380,9 @@ struct Builder<'a> {
     workflow: &'a str,
     names: BTreeMap<String, String>,
     references: Vec<(String, String)>,
+    limits: &'a Limits,
+    /// Blocks open around the step being built.
+    depth: usize,
 }
 
 impl Builder<'_> {
@@ -410,14 +419,48 @@ impl Builder<'_> {
         if raw.is_empty() && !may_be_empty {
             return Err((field.to_string(), "needs at least one step".into()));
         }
-        raw.into_iter()
+        if self.depth >= self.limits.max_definition_depth {
+            return Err((
+                field.to_string(),
+                format!(
+                    "steps are nested more than {} deep (max_definition_depth); split the workflow into child \
+                     workflows",
+                    self.limits.max_definition_depth
+                ),
+            ));
+        }
+        self.depth += 1;
+        let steps = raw
+            .into_iter()
             .enumerate()
             .map(|(i, step)| self.step(&format!("{field}[{i}]"), step))
-            .collect()
+            .collect();
+        self.depth -= 1;
+        steps
+    }
+
+    /// Refuses a list longer than `limit`, naming the field and the bound.
+    fn at_most(field: &str, what: &str, count: usize, limit: usize, bound: &str) -> Result<(), Invalid> {
+        if count > limit {
+            return Err((
+                field.to_string(),
+                format!("{count} {what}; at most {limit} are allowed ({bound})"),
+            ));
+        }
+        Ok(())
     }
 
     fn step(&mut self, at: &str, raw: RawStep) -> Result<Step, Invalid> {
         Builder::identifier(&format!("{at}.name"), "step name", &raw.name)?;
+        if self.names.len() >= self.limits.max_steps {
+            return Err((
+                at.to_string(),
+                format!(
+                    "the definition has more than {} steps (max_steps); split it into child workflows",
+                    self.limits.max_steps
+                ),
+            ));
+        }
         if let Some(first) = self.names.insert(raw.name.clone(), at.to_string()) {
             return Err((
                 format!("{at}.name"),
@@ -476,6 +519,8 @@ impl Builder<'_> {
                     ));
                 }
                 let count = p.branches.len();
+                let bound = "max_branches";
+                Builder::at_most(&format!("{field}.branches"), "branches", count, self.limits.max_branches, bound)?;
                 let join = match p.join {
                     None => Join::All,
                     Some(RawJoin::Word(w)) if w == "all" => Join::All,
@@ -519,6 +564,15 @@ impl Builder<'_> {
                 if concurrency == 0 {
                     return Err((format!("{field}.concurrency"), "must be at least 1".into()));
                 }
+                if concurrency > self.limits.max_map_concurrency {
+                    return Err((
+                        format!("{field}.concurrency"),
+                        format!(
+                            "concurrency {concurrency} is above the limit of {} (max_map_concurrency)",
+                            self.limits.max_map_concurrency
+                        ),
+                    ));
+                }
                 Kind::Map {
                     items: self.expression(&format!("{field}.items"), &m.items)?,
                     steps: self.block(&format!("{field}.steps"), m.steps, false)?,
@@ -531,6 +585,8 @@ impl Builder<'_> {
                 if alternatives.is_empty() {
                     return Err((field, "needs at least one alternative".into()));
                 }
+                let (count, bound) = (alternatives.len(), "max_branches");
+                Builder::at_most(&field, "alternatives", count, self.limits.max_branches, bound)?;
                 let last = alternatives.len() - 1;
                 let mut branches = Vec::new();
                 let mut always_taken: Option<usize> = None;
@@ -595,6 +651,8 @@ impl Builder<'_> {
                 if c.tasks.is_empty() {
                     return Err((field, "needs at least one task type".into()));
                 }
+                let (count, bound) = (c.tasks.len(), "max_branches");
+                Builder::at_most(&field, "task types", count, self.limits.max_branches, bound)?;
                 let mut seen = HashSet::new();
                 for (i, t) in c.tasks.iter().enumerate() {
                     Builder::identifier(&format!("{field}[{i}]"), "task type", t)?;
@@ -743,6 +801,15 @@ impl Step {
 impl Definition {
     /// Parses and validates YAML (JSON is YAML too). `source_name` labels errors, e.g. the file name.
     pub fn parse(source_name: &str, text: &str) -> Result<Definition, DefinitionError> {
+        Definition::parse_with_limits(source_name, text, &Limits::default())
+    }
+
+    /// [`Definition::parse`] with other bounds than the defaults.
+    pub fn parse_with_limits(
+        source_name: &str,
+        text: &str,
+        limits: &Limits,
+    ) -> Result<Definition, DefinitionError> {
         let fail = |field: String, message: String| DefinitionError {
             source_name: source_name.to_string(),
             field,
@@ -770,6 +837,8 @@ impl Definition {
             workflow: &raw.name,
             names: BTreeMap::new(),
             references: Vec::new(),
+            limits,
+            depth: 0,
         };
         let steps = builder
             .block("steps", raw.steps, false)
@@ -799,18 +868,22 @@ impl Definition {
             deadline,
             output,
             steps,
+            max_map_items: limits.max_map_items,
+            max_child_depth: limits.max_child_depth,
             by_name,
         })
     }
 
-    /// The step named `name` (names are unique in a definition).
-    pub fn step(&self, name: &str) -> &Step {
-        self.by_name.get(name).unwrap_or_else(|| {
-            panic!(
-                "no step '{name}' in {}: the state does not match its definition",
-                self.name
-            )
-        })
+    /// The step named `name` (names are unique in a definition), if there is one.
+    pub fn find_step(&self, name: &str) -> Option<&Step> {
+        self.by_name.get(name)
+    }
+
+    /// The step named `name`. Only for names the engine has checked exist (see `machine::Instance::conforms`);
+    /// an unchecked name falls back to the first step rather than panicking.
+    pub(crate) fn step(&self, name: &str) -> &Step {
+        debug_assert!(self.by_name.contains_key(name), "unchecked step name {name}");
+        self.by_name.get(name).unwrap_or(&self.steps[0])
     }
 
     /// The retry policy in force for tasks of `step`.

@@ -4,11 +4,13 @@
 
 pub mod definition;
 pub mod expr;
+pub mod limits;
 pub mod machine;
 
 pub use definition::{Definition, DefinitionError, RetryPolicy};
+pub use limits::Limits;
 pub use machine::{
-    Command, Dispatch, Event, EventKind, Failure, Instance, Millis, Outcome, Start, Status,
+    Command, Dispatch, EngineError, Event, EventKind, Failure, Instance, Millis, Outcome, Start, Status,
     TaskOutcome,
 };
 

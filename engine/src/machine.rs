@@ -72,6 +72,8 @@ pub struct Start {
     pub priority: i32,
     /// The workflow that started this one as a child step.
     pub parent: Option<String>,
+    /// How many ancestors this workflow has: 0 for a workflow started from outside.
+    pub depth: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,6 +283,9 @@ pub struct Instance {
     pub correlation_id: Option<String>,
     pub priority: i32,
     pub parent: Option<String>,
+    /// Ancestors of this workflow (0: started from outside); children get one more.
+    #[serde(default)]
+    pub depth: u32,
     pub created_at: Millis,
     pub updated_at: Millis,
     /// Changes applied; grows by one per input that changed the instance.
@@ -415,6 +420,11 @@ fn expression_failure(message: String) -> Failure {
     }
 }
 
+/// `now` plus `millis`, saturating: a duration of a thousand years is a timer that never fires, not an overflow.
+fn later(now: Millis, millis: u128) -> Millis {
+    now.saturating_add(Millis::try_from(millis).unwrap_or(Millis::MAX))
+}
+
 /// FNV-1a: a stable hash (unlike std's), so that jitter is the same in every build and on every replay.
 fn stable_hash(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -441,7 +451,7 @@ impl TaskRun {
             timeout_ms: if undo {
                 None
             } else {
-                step.timeout.map(|t| t.as_millis() as u64)
+                step.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
             },
             phase: TaskPhase::BackingOff { due: env.now },
         };
@@ -464,7 +474,7 @@ impl TaskRun {
 
     fn dispatch(&mut self, env: &mut Env<'_>) {
         let task_id = format!("{}/{}/{}", env.wf, self.path, self.attempt);
-        let deadline = self.timeout_ms.map(|t| env.now + t as Millis);
+        let deadline = self.timeout_ms.map(|t| later(env.now, u128::from(t)));
         env.commands.push(Command::Dispatch(Dispatch {
             task_id: task_id.clone(),
             step: self.path.clone(),
@@ -534,9 +544,9 @@ impl TaskRun {
         let never = policy.non_retryable.contains(&failure.code);
         if failure.retryable && !never && self.attempt < policy.max_attempts {
             let task_id = format!("{}/{}/{}", env.wf, self.path, self.attempt);
-            let cap = policy.backoff_cap(self.attempt).as_millis() as u64;
-            let delay = (stable_hash(&task_id) % (cap + 1)) as Millis;
-            let due = env.now + delay;
+            let cap = u64::try_from(policy.backoff_cap(self.attempt).as_millis()).unwrap_or(u64::MAX - 1);
+            let delay = stable_hash(&task_id) % (cap + 1);
+            let due = later(env.now, u128::from(delay));
             env.emit(
                 EventKind::StepRetried,
                 Some(&self.path),
@@ -588,19 +598,19 @@ impl Block {
                 Kind::Sequence { steps } | Kind::Map { steps, .. } | Kind::Filter { steps, .. } => {
                     steps
                 }
-                other => panic!("step {name} has no body: {other:?}"),
+                _ => &[],
             },
             BlockOf::Branch(name, i) => match &def.step(name).kind {
-                Kind::Parallel { branches, .. } => &branches[*i].steps,
-                Kind::Choice { branches } => &branches[*i].steps,
-                other => panic!("step {name} has no branches: {other:?}"),
+                Kind::Parallel { branches, .. } => branches.get(*i).map_or(&[], |b| &b.steps),
+                Kind::Choice { branches } => branches.get(*i).map_or(&[], |b| &b.steps),
+                _ => &[],
             },
             BlockOf::OnTimeout(name) => match &def.step(name).kind {
                 Kind::Wait {
                     on_timeout: Some(steps),
                     ..
                 } => steps,
-                other => panic!("step {name} has no timeout steps: {other:?}"),
+                _ => &[],
             },
         }
     }
@@ -645,7 +655,9 @@ impl Block {
     }
 
     fn complete_step(&mut self, output: Value, env: &mut Env<'_>) {
-        let step = &self.steps(env.def)[self.index];
+        let Some(step) = self.steps(env.def).get(self.index) else {
+            return;
+        };
         let path = format!("{}{}", self.prefix, step.name);
         let attempt = match self.current.as_deref() {
             Some(Node::Task(t)) => Some(t.attempt),
@@ -673,8 +685,8 @@ impl Block {
     }
 
     fn fail_step(&mut self, failure: Failure, env: &mut Env<'_>) -> Progress {
-        let step = &self.steps(env.def)[self.index];
-        if !matches!(step.kind, Kind::Task { .. }) {
+        let step = self.steps(env.def).get(self.index);
+        if let Some(step) = step.filter(|s| !matches!(s.kind, Kind::Task { .. })) {
             let path = format!("{}{}", self.prefix, step.name);
             env.emit(
                 EventKind::StepFailed,
@@ -794,6 +806,22 @@ fn start_node(
         }
         Kind::Map { items, .. } => {
             let items = match eval(items, &input, env) {
+                Ok(Value::Array(items)) if items.len() > env.def.max_map_items => {
+                    let message = format!(
+                        "map items has {} elements; at most {} are allowed (max_map_items): split the list \
+                         over child workflows",
+                        items.len(),
+                        env.def.max_map_items
+                    );
+                    return (
+                        None,
+                        Progress::Failed(Failure {
+                            code: "too_many_items".into(),
+                            message,
+                            retryable: false,
+                        }),
+                    );
+                }
                 Ok(Value::Array(items)) => items,
                 Ok(other) => {
                     let message = format!("map items must be a list, got {other}");
@@ -883,7 +911,7 @@ fn start_node(
             Err(message) => (None, Progress::Failed(expression_failure(message))),
         },
         Kind::Sleep { duration } => {
-            let due = env.now + duration.as_millis() as Millis;
+            let due = later(env.now, duration.as_millis());
             (Some(Node::Sleep { due, input }), Progress::Running)
         }
         Kind::Timer { at } => {
@@ -892,7 +920,7 @@ fn start_node(
                 Ok(Value::String(s)) => humantime::parse_rfc3339_weak(&s)
                     .ok()
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_millis() as Millis),
+                    .map(|d| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)),
                 _ => None,
             };
             match due {
@@ -915,11 +943,11 @@ fn start_node(
         Kind::Wait {
             signal, timeout, ..
         } => {
-            if let Some(i) = env.buffered.iter().position(|s| s.name == *signal) {
-                let received = env.buffered.remove(i).expect("found above");
+            let buffered = env.buffered.iter().position(|s| s.name == *signal);
+            if let Some(received) = buffered.and_then(|i| env.buffered.remove(i)) {
                 return (None, Progress::Done(received.payload));
             }
-            let due = timeout.map(|t| env.now + t.as_millis() as Millis);
+            let due = timeout.map(|t| later(env.now, t.as_millis()));
             let wait = Node::Wait {
                 step: step.name.clone(),
                 signal: signal.clone(),
@@ -950,7 +978,7 @@ fn join_branches(
     env: &mut Env<'_>,
 ) -> Progress {
     let Kind::Parallel { branches, .. } = &step.kind else {
-        unreachable!("join of a parallel step")
+        return Progress::Running;
     };
     let total = slots.len();
     let done = slots.iter().filter(|s| matches!(s, Slot::Done(_))).count();
@@ -985,7 +1013,14 @@ fn join_branches(
             Progress::Done(Value::Object(outputs))
         }
     } else if total - failed.len() < needed {
-        let first = failed[0].clone();
+        let first = failed.first().map_or_else(
+            || Failure {
+                code: "join".into(),
+                message: "not enough branches".into(),
+                retryable: false,
+            },
+            |f| (*f).clone(),
+        );
         Progress::Failed(Failure {
             message: format!(
                 "parallel step '{}' needs {needed} of {total} branches and {} failed; first: {}",
@@ -1045,7 +1080,7 @@ impl Node {
                 }
                 let step = env.def.step(step);
                 let Kind::Parallel { join, .. } = &step.kind else {
-                    unreachable!()
+                    return None;
                 };
                 Some(join_branches(step, *join, slots, env))
             }
@@ -1055,7 +1090,9 @@ impl Node {
                 let mut changed = false;
                 let indexes: Vec<usize> = running.keys().copied().collect();
                 for i in indexes {
-                    let block = running.get_mut(&i).expect("listed above");
+                    let Some(block) = running.get_mut(&i) else {
+                        continue;
+                    };
                     let Some(progress) = block.visit(visit, Some(scope), env) else {
                         continue;
                     };
@@ -1063,7 +1100,9 @@ impl Node {
                     match progress {
                         Progress::Running => {}
                         Progress::Done(v) => {
-                            results[i] = Some(v);
+                            if let Some(slot) = results.get_mut(i) {
+                                *slot = Some(v);
+                            }
                             running.remove(&i);
                         }
                         Progress::Failed(f) => {
@@ -1104,7 +1143,7 @@ impl Node {
                     return None;
                 }
                 let Kind::Copy { tasks, first } = &env.def.step(step).kind else {
-                    unreachable!()
+                    return None;
                 };
                 let done: Vec<(&String, &Value)> = slots
                     .iter()
@@ -1154,7 +1193,7 @@ impl Node {
                         ..
                     } = &step.kind
                     else {
-                        unreachable!()
+                        return None;
                     };
                     if on_timeout.is_some() {
                         // Timeout steps run in the wait's place.
@@ -1206,15 +1245,17 @@ impl Node {
             results,
         } = self
         else {
-            unreachable!("fill of a map")
+            return Progress::Running;
         };
         let Kind::Map { concurrency, .. } = &env.def.step(step).kind else {
-            unreachable!()
+            return Progress::Running;
         };
         while running.len() < *concurrency && *next < items.len() {
             let i = *next;
             *next += 1;
-            let item = items[i].clone();
+            let Some(item) = items.get(i).cloned() else {
+                break;
+            };
             let mut block = Block::new(
                 BlockOf::Body(step.clone()),
                 format!("{path}[{i}]/"),
@@ -1225,7 +1266,11 @@ impl Node {
                 Progress::Running => {
                     running.insert(i, block);
                 }
-                Progress::Done(v) => results[i] = Some(v),
+                Progress::Done(v) => {
+                    if let Some(slot) = results.get_mut(i) {
+                        *slot = Some(v);
+                    }
+                }
                 Progress::Failed(f) => return Progress::Failed(f),
                 Progress::Filtered(v) => return Progress::Filtered(v),
             }
@@ -1282,6 +1327,144 @@ impl Node {
     }
 }
 
+/// An instance whose stored state does not fit the definition it is pinned to: the input was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("workflow {workflow_id}: its state does not match its definition: {message}")]
+pub struct EngineError {
+    pub workflow_id: String,
+    pub message: String,
+}
+
+fn kind_name(kind: &Kind) -> &'static str {
+    match kind {
+        Kind::Task { .. } => "task",
+        Kind::Sequence { .. } => "sequence",
+        Kind::Parallel { .. } => "parallel",
+        Kind::Map { .. } => "map",
+        Kind::Choice { .. } => "choice",
+        Kind::Filter { .. } => "filter",
+        Kind::Copy { .. } => "copy",
+        Kind::Merge { .. } => "merge",
+        Kind::Sleep { .. } => "sleep",
+        Kind::Timer { .. } => "timer",
+        Kind::Wait { .. } => "wait",
+        Kind::Workflow { .. } => "workflow",
+    }
+}
+
+fn step_of<'d>(definition: &'d Definition, name: &str) -> Result<&'d Step, String> {
+    definition
+        .find_step(name)
+        .ok_or_else(|| format!("it refers to step '{name}', which the definition does not have"))
+}
+
+fn conform_block(block: &Block, definition: &Definition) -> Result<(), String> {
+    let steps: &[Step] = match &block.of {
+        BlockOf::Root => &definition.steps,
+        BlockOf::Body(name) => match &step_of(definition, name)?.kind {
+            Kind::Sequence { steps } | Kind::Map { steps, .. } | Kind::Filter { steps, .. } => steps,
+            other => return Err(format!("step '{name}' is a {}, not a block of steps", kind_name(other))),
+        },
+        BlockOf::Branch(name, i) => match &step_of(definition, name)?.kind {
+            Kind::Parallel { branches, .. } if *i < branches.len() => &branches[*i].steps,
+            Kind::Choice { branches } if *i < branches.len() => &branches[*i].steps,
+            other => return Err(format!("step '{name}' ({}) has no branch {i}", kind_name(other))),
+        },
+        BlockOf::OnTimeout(name) => match &step_of(definition, name)?.kind {
+            Kind::Wait {
+                on_timeout: Some(steps),
+                ..
+            } => steps,
+            other => return Err(format!("step '{name}' ({}) has no on_timeout steps", kind_name(other))),
+        },
+    };
+    let Some(node) = &block.current else {
+        return Ok(());
+    };
+    let Some(step) = steps.get(block.index) else {
+        return Err(format!(
+            "a block runs its step {} but has only {} steps",
+            block.index,
+            steps.len()
+        ));
+    };
+    let expected = match node.as_ref() {
+        Node::Task(run) => {
+            conform_task(run, definition)?;
+            "task"
+        }
+        Node::Nested(inner) => {
+            conform_block(inner, definition)?;
+            return Ok(());
+        }
+        Node::Parallel { step: name, slots } => {
+            match &step_of(definition, name)?.kind {
+                Kind::Parallel { branches, .. } if branches.len() == slots.len() => {}
+                _ => return Err(format!("parallel step '{name}' does not have {} branches", slots.len())),
+            }
+            for slot in slots {
+                if let Slot::Running(b) = slot {
+                    conform_block(b, definition)?;
+                }
+            }
+            "parallel"
+        }
+        Node::Map {
+            step: name,
+            items,
+            next,
+            running,
+            results,
+            ..
+        } => {
+            if !matches!(step_of(definition, name)?.kind, Kind::Map { .. }) {
+                return Err(format!("step '{name}' is not a map"));
+            }
+            let in_range = results.len() == items.len()
+                && *next <= items.len()
+                && running.keys().all(|i| *i < items.len());
+            if !in_range {
+                return Err(format!("map step '{name}' has iterations outside its items"));
+            }
+            for b in running.values() {
+                conform_block(b, definition)?;
+            }
+            "map"
+        }
+        Node::Copy { step: name, slots } => {
+            match &step_of(definition, name)?.kind {
+                Kind::Copy { tasks, .. } if tasks.len() == slots.len() => {}
+                _ => return Err(format!("copy step '{name}' does not have {} tasks", slots.len())),
+            }
+            for slot in slots {
+                if let Slot::Running(run) = slot {
+                    conform_task(run, definition)?;
+                }
+            }
+            "copy"
+        }
+        Node::Wait { step: name, .. } => {
+            if !matches!(step_of(definition, name)?.kind, Kind::Wait { .. }) {
+                return Err(format!("step '{name}' is not a wait"));
+            }
+            "wait"
+        }
+        Node::Sleep { .. } | Node::Child { .. } => return Ok(()),
+    };
+    let actual = kind_name(&step.kind);
+    if actual != expected {
+        return Err(format!(
+            "step '{}' runs as a {expected} but the definition makes it a {actual}",
+            step.name
+        ));
+    }
+    Ok(())
+}
+
+fn conform_task(run: &TaskRun, definition: &Definition) -> Result<(), String> {
+    step_of(definition, &run.step).map(|_| ())
+}
+
 impl Instance {
     /// Starts an instance of `definition` and runs it as far as it goes without waiting.
     pub fn start(definition: &Definition, start: Start, now: Millis) -> (Instance, Vec<Command>) {
@@ -1296,10 +1479,11 @@ impl Instance {
             correlation_id: start.correlation_id,
             priority: start.priority,
             parent: start.parent,
+            depth: start.depth,
             created_at: now,
             updated_at: now,
             sequence: 1,
-            deadline_at: definition.deadline.map(|d| now + d.as_millis() as Millis),
+            deadline_at: definition.deadline.map(|d| later(now, d.as_millis())),
             root: None,
             undo_log: Vec::new(),
             undoing: None,
@@ -1313,12 +1497,84 @@ impl Instance {
             None,
             None,
         )];
+        if instance.depth > definition.max_child_depth {
+            let message = format!(
+                "child workflows are nested {} deep; at most {} are allowed (max_child_depth): a chain of \
+                 workflows starting each other without end?",
+                instance.depth, definition.max_child_depth
+            );
+            commands.extend(instance.abort("too_deep", message, now));
+            return (instance, commands);
+        }
         let mut root = Block::new(BlockOf::Root, String::new(), start.input, None);
         let (progress, more) = instance.with_env(definition, now, |env| root.run(None, env));
         commands.extend(more);
         instance.root = Some(root);
         commands.extend(instance.settle(definition, progress, now));
         (instance, commands)
+    }
+
+    /// Ends a running instance at once as failed, without compensation: for what the driver cannot carry on
+    /// with (a state too large to persist, a child chain too deep). Running children are cancelled and a parent
+    /// is told. An instance that has ended already is left as it is.
+    pub fn abort(&mut self, code: &str, message: String, now: Millis) -> Vec<Command> {
+        if self.is_terminal() {
+            return Vec::new();
+        }
+        self.touch(now);
+        let mut ids = Vec::new();
+        if let Some(root) = self.root.take() {
+            root.child_ids(&mut ids);
+        }
+        self.undo_log.clear();
+        self.undoing = None;
+        self.buffered.clear();
+        let mut commands: Vec<Command> = ids
+            .into_iter()
+            .map(|child_id| Command::CancelChild { child_id })
+            .collect();
+        commands.extend(self.end_unsuccessfully(
+            Status::Failed,
+            EventKind::WorkflowFailed,
+            code,
+            message,
+        ));
+        commands
+    }
+
+    /// Checks that this instance's running state fits `definition`: every step it refers to exists and is of
+    /// the kind the state says, every index is in range. State read back from storage, or an instance whose
+    /// definition changed under it, is checked before any input is applied, so the engine never acts on a tree
+    /// that does not match.
+    pub fn conforms(&self, definition: &Definition) -> Result<(), EngineError> {
+        let fail = |message: String| EngineError {
+            workflow_id: self.workflow_id.clone(),
+            message,
+        };
+        if definition.name != self.workflow_name {
+            return Err(fail(format!(
+                "the instance is of workflow '{}' but was given definition '{}'",
+                self.workflow_name, definition.name
+            )));
+        }
+        if self.status == Status::Running && self.root.is_none() {
+            return Err(fail("a running instance has no running steps".into()));
+        }
+        if let Some(root) = &self.root {
+            conform_block(root, definition).map_err(fail)?;
+        }
+        if let Some(undoing) = &self.undoing {
+            conform_task(&undoing.current, definition).map_err(fail)?;
+        }
+        for entry in &self.undo_log {
+            if definition.find_step(&entry.step).is_none() {
+                return Err(fail(format!(
+                    "compensation of step '{}' refers to a step the definition does not have",
+                    entry.step
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub fn is_terminal(&self) -> bool {
@@ -1343,12 +1599,22 @@ impl Instance {
         definition: &Definition,
         result: TaskOutcome,
         now: Millis,
-    ) -> Vec<Command> {
-        self.apply(definition, &mut Visit::Result(&result), now)
+    ) -> Result<Vec<Command>, EngineError> {
+        self.conforms(definition)?;
+        Ok(self.apply(definition, &mut Visit::Result(&result), now))
     }
 
     /// Fires what is due: retries, task timeouts, sleeps, wait timeouts, the deadline.
-    pub fn on_timer(&mut self, definition: &Definition, now: Millis) -> Vec<Command> {
+    pub fn on_timer(
+        &mut self,
+        definition: &Definition,
+        now: Millis,
+    ) -> Result<Vec<Command>, EngineError> {
+        self.conforms(definition)?;
+        Ok(self.fire(definition, now))
+    }
+
+    fn fire(&mut self, definition: &Definition, now: Millis) -> Vec<Command> {
         if self.status == Status::Running && self.deadline_at.is_some_and(|d| d <= now) {
             self.touch(now);
             let deadline = definition
@@ -1368,6 +1634,18 @@ impl Instance {
     /// Delivers a named signal: to a wait listening for it, or kept for a wait that comes later. A signal id seen
     /// before is ignored.
     pub fn on_signal(
+        &mut self,
+        definition: &Definition,
+        signal_id: &str,
+        name: &str,
+        payload: Value,
+        now: Millis,
+    ) -> Result<Vec<Command>, EngineError> {
+        self.conforms(definition)?;
+        Ok(self.signal(definition, signal_id, name, payload, now))
+    }
+
+    fn signal(
         &mut self,
         definition: &Definition,
         signal_id: &str,
@@ -1411,9 +1689,10 @@ impl Instance {
         signal_id: &str,
         reason: &str,
         now: Millis,
-    ) -> Vec<Command> {
+    ) -> Result<Vec<Command>, EngineError> {
+        self.conforms(definition)?;
         if self.status != Status::Running || !self.remember_signal(signal_id) {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         self.touch(now);
         let reason = if reason.is_empty() {
@@ -1421,7 +1700,7 @@ impl Instance {
         } else {
             format!("cancelled: {reason}")
         };
-        self.begin_undo(definition, End::Cancelled, reason, now)
+        Ok(self.begin_undo(definition, End::Cancelled, reason, now))
     }
 
     fn remember_signal(&mut self, signal_id: &str) -> bool {
@@ -1500,10 +1779,10 @@ impl Instance {
                 let output = match &definition.output {
                     None => Ok(last),
                     Some(e) => {
-                        let root = self.root.as_ref().expect("a running instance has a root");
+                        let no_outputs = BTreeMap::new();
                         let scope = Scope {
                             parent: None,
-                            outputs: &root.outputs,
+                            outputs: self.root.as_ref().map_or(&no_outputs, |r| &r.outputs),
                             item: None,
                         };
                         let context = context_of(

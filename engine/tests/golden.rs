@@ -92,6 +92,7 @@ fn run(history: &History) -> String {
         correlation_id: None,
         priority: 0,
         parent: history.parent.clone(),
+        depth: 0,
     };
     let (mut instance, commands) = Instance::start(&definition, start, now);
     render(&commands, &mut out);
@@ -111,7 +112,7 @@ fn run(history: &History) -> String {
                         outcome,
                     },
                     now,
-                )
+                ).unwrap()
             }
             Input {
                 fail: Some((task_id, code, retryable)),
@@ -133,27 +134,27 @@ fn run(history: &History) -> String {
                         outcome,
                     },
                     now,
-                )
+                ).unwrap()
             }
             Input {
                 advance: Some(ms), ..
             } => {
                 now += ms;
                 out.push_str(&format!("> clock +{ms} ms = {now}\n"));
-                instance.on_timer(&definition, now)
+                instance.on_timer(&definition, now).unwrap()
             }
             Input {
                 signal: Some((id, name, payload)),
                 ..
             } => {
                 out.push_str(&format!("> signal {name} ({id}) {payload}\n"));
-                instance.on_signal(&definition, id, name, payload.clone(), now)
+                instance.on_signal(&definition, id, name, payload.clone(), now).unwrap()
             }
             Input {
                 cancel: Some(id), ..
             } => {
                 out.push_str(&format!("> cancel ({id})\n"));
-                instance.on_cancel(&definition, id, "by the test", now)
+                instance.on_cancel(&definition, id, "by the test", now).unwrap()
             }
             _ => panic!("an input sets exactly one of result, fail, advance, signal, cancel"),
         };

@@ -175,6 +175,7 @@ fn run(def: &Definition, inputs: &[Input], duplicate: bool) -> Run {
         correlation_id: None,
         priority: 0,
         parent: None,
+        depth: 0,
     };
     let (instance, commands) = Instance::start(def, start, 0);
     let mut run = Run {
@@ -218,7 +219,7 @@ fn run(def: &Definition, inputs: &[Input], duplicate: bool) -> Run {
                             outcome,
                         },
                         now,
-                    )
+                    ).unwrap()
                 }
                 (Input::Complete(_) | Input::Fail(..) | Input::Stale, _) => run.instance.on_result(
                     def,
@@ -227,16 +228,16 @@ fn run(def: &Definition, inputs: &[Input], duplicate: bool) -> Run {
                         outcome: Outcome::Completed(Value::Null),
                     },
                     now,
-                ),
-                (Input::Advance(_), _) => run.instance.on_timer(def, now),
+                ).unwrap(),
+                (Input::Advance(_), _) => run.instance.on_timer(def, now).unwrap(),
                 (Input::Signal(i), _) => {
                     let name = ["go", "stop", "go"][*i as usize];
                     run.instance
-                        .on_signal(def, &format!("sig-{n}"), name, json!({"n": n}), now)
+                        .on_signal(def, &format!("sig-{n}"), name, json!({"n": n}), now).unwrap()
                 }
                 (Input::Cancel, _) => {
                     run.instance
-                        .on_cancel(def, &format!("cancel-{n}"), "random", now)
+                        .on_cancel(def, &format!("cancel-{n}"), "random", now).unwrap()
                 }
             };
             run.absorb(commands);
@@ -317,4 +318,132 @@ proptest! {
         let unique: BTreeSet<&&String> = ids.iter().collect();
         prop_assert_eq!(unique.len(), ids.len());
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// What happens when a definition changes under running instances (a racing deploy, a corrupted record):
+    /// the engine refuses or applies, and never panics.
+    #[test]
+    fn an_instance_given_another_definition_is_refused_or_applied_never_panics(
+        shapes in prop::collection::vec(shape(), 1..4),
+        other in prop::collection::vec(shape(), 1..4),
+        inputs in prop::collection::vec(input(), 0..30),
+        more in prop::collection::vec(input(), 1..10),
+    ) {
+        let def = definition(&shapes);
+        let wrong = definition(&other);
+        let mut r = run(&def, &inputs, false);
+        let consistent = r.instance.conforms(&wrong).is_ok();
+        let mut now = 1_000_000;
+        for (n, input) in more.iter().enumerate() {
+            now += 500;
+            let outcome = match input {
+                Input::Advance(_) => r.instance.on_timer(&wrong, now),
+                Input::Signal(_) => r.instance.on_signal(&wrong, &format!("x{n}"), "go", json!(1), now),
+                Input::Cancel => r.instance.on_cancel(&wrong, &format!("c{n}"), "x", now),
+                _ => {
+                    let task_id = r.outstanding.first().cloned().unwrap_or_default();
+                    r.instance.on_result(&wrong, TaskOutcome { task_id, outcome: Outcome::Completed(json!(n)) }, now)
+                }
+            };
+            // A refusal leaves the instance as it was, so the next input meets the same check.
+            prop_assert_eq!(outcome.is_ok(), consistent);
+            if !consistent { break; }
+        }
+    }
+
+    /// The definition parser takes arbitrary text (it is read from a topic anyone may write to) without a panic.
+    #[test]
+    fn the_definition_parser_takes_arbitrary_text(text in ".{0,400}") {
+        let _ = Definition::parse("fuzz.yaml", &text);
+    }
+
+    /// And mangled versions of real definitions, which get much further into validation than random text.
+    #[test]
+    fn the_definition_parser_takes_mangled_definitions(
+        shapes in prop::collection::vec(shape(), 1..3),
+        cut in any::<prop::sample::Index>(),
+        junk in "[\\[\\]{}:,'\" a-z0-9-]{0,12}",
+    ) {
+        let mut renderer = Renderer { next: 0 };
+        let yaml = format!("name: random\nsteps: {}\n", renderer.block(&shapes));
+        let at = cut.index(yaml.len());
+        let mangled = format!("{}{junk}{}", &yaml[..at], &yaml[at..]);
+        let _ = Definition::parse("fuzz.yaml", &mangled);
+    }
+
+    /// Stored engine state is read from the changelog; arbitrary JSON must not panic the deserializer.
+    #[test]
+    fn stored_state_of_arbitrary_json_is_refused_not_panicked(text in "[\\[\\]{}:,\"a-zA-Z0-9_ ]{0,300}") {
+        let _ = serde_json::from_str::<Instance>(&text);
+    }
+}
+
+#[test]
+fn definition_limits_name_the_field() {
+    let wide = format!(
+        "name: wide\nsteps:\n  - name: fan\n    parallel:\n      branches: [{}]\n",
+        (0..1001).map(|i| format!("{{name: b{i}, steps: [{{name: t{i}, task: t}}]}}")).collect::<Vec<_>>().join(", ")
+    );
+    let e = Definition::parse("wide.yaml", &wide).unwrap_err();
+    assert_eq!(e.field, "steps[0].parallel.branches");
+    assert!(e.message.contains("at most 1000"), "{e}");
+
+    let greedy = "name: greedy\nsteps:\n  - name: all\n    map: { items: input.items, concurrency: 100000, steps: [{ name: one, task: t }] }\n";
+    let e = Definition::parse("greedy.yaml", greedy).unwrap_err();
+    assert_eq!(e.field, "steps[0].map.concurrency");
+    assert!(e.message.contains("max_map_concurrency"), "{e}");
+
+    let mut deep = String::from("{name: leaf, task: t}");
+    for level in 0..20 {
+        deep = format!("{{name: n{level}, sequence: [{deep}]}}");
+    }
+    let e = Definition::parse("deep.yaml", &format!("name: deep\nsteps: [{deep}]\n")).unwrap_err();
+    assert!(e.message.contains("max_definition_depth"), "{e}");
+}
+
+#[test]
+fn a_map_over_more_items_than_the_limit_fails_its_step() {
+    let def = Definition::parse_with_limits(
+        "map.yaml",
+        "name: m\nsteps:\n  - name: all\n    map: { items: input.items, concurrency: 1000, steps: [{ name: one, task: t }] }\n",
+        &edow_engine::Limits { max_map_items: 100, ..Default::default() },
+    )
+    .unwrap();
+    let start = Start {
+        workflow_id: "m1".into(),
+        workflow_version: 1,
+        input: json!({"items": (0..101).collect::<Vec<_>>()}),
+        correlation_id: None,
+        priority: 0,
+        parent: None,
+        depth: 0,
+    };
+    let (instance, commands) = Instance::start(&def, start, 0);
+    assert!(instance.is_terminal());
+    assert!(!commands.iter().any(|c| matches!(c, Command::Dispatch(_))));
+    let error = instance.error.unwrap();
+    assert!(error.contains("max_map_items") && error.contains("at most 100"), "{error}");
+}
+
+#[test]
+fn a_child_nested_past_the_limit_fails_and_reports_to_its_parent() {
+    let def = Definition::parse("c.yaml", "name: c\nsteps: [{ name: one, task: t }]\n").unwrap();
+    let start = Start {
+        workflow_id: "p/c".into(),
+        workflow_version: 1,
+        input: json!({}),
+        correlation_id: None,
+        priority: 0,
+        parent: Some("p".into()),
+        depth: 33,
+    };
+    let (instance, commands) = Instance::start(&def, start, 0);
+    assert!(instance.is_terminal());
+    assert!(!commands.iter().any(|c| matches!(c, Command::Dispatch(_))));
+    let reported = commands.iter().any(|c| matches!(c,
+        Command::ReportToParent { parent_id, outcome: Outcome::Failed(f), .. } if parent_id == "p" && f.code == "too_deep"));
+    assert!(reported, "{commands:?}");
 }
