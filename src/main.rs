@@ -1,6 +1,7 @@
 //! `edow`: the user-facing command line. Registers the contracts, deploys definitions, starts workflows, and
 //! shows their status and lifecycle events, all through Kafka and the schema registry.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -274,58 +275,175 @@ async fn deploy(
     kafka
         .ensure_topics(&[TopicSpec::new(topic.clone(), 1, replication_factor).compacted()])
         .await?;
-    let records = {
-        let (kafka, topic) = (kafka.clone(), topic.clone());
-        blocking(move || kafka.read_to_end(&topic, 0, Offset::Beginning)).await?
-    };
-    let mut latest: Option<WorkflowDefinition> = None;
-    for record in &records {
-        if let Ok(deployed) = codec.decode::<WorkflowDefinition>(record.payload()).await {
-            if deployed.name == definition.name
-                && latest.as_ref().is_none_or(|l| deployed.version > l.version)
-            {
-                latest = Some(deployed);
+    let producer = kafka.producer()?;
+    // A racing deploy may take the version this one picked: the first record of a key wins everywhere, so read
+    // back, and take the next version if it was not ours.
+    for _ in 0..10 {
+        let catalog = DeployedCatalog::read(kafka, codec, &topic).await?;
+        catalog.refuse_cycles(&definition)?;
+        if let Some((version, latest)) = catalog.latest(&definition.name) {
+            if latest == source {
+                println!(
+                    "{} version {version} is unchanged ({label})",
+                    definition.name
+                );
+                return Ok(());
             }
         }
-    }
-    if let Some(latest) = &latest {
-        if latest.source == source {
-            println!(
-                "{} version {} is unchanged ({label})",
-                definition.name, latest.version
-            );
-            return Ok(());
+        let version = catalog.next_version(&definition.name);
+        let format = if label.ends_with(".json") {
+            DefinitionFormat::Json
+        } else {
+            DefinitionFormat::Yaml
+        };
+        let record = WorkflowDefinition {
+            name: definition.name.clone(),
+            version,
+            format,
+            source: source.clone(),
+            description: definition.description.clone(),
+            deployed_by: std::env::var("USER").ok(),
+            deployed_at: now_millis(),
+        };
+        let payload = codec.encode(&topic, &record).await?;
+        let written = produce_all(
+            &producer,
+            &[Outgoing {
+                topic: topic.clone(),
+                partition: Some(0),
+                key: format!("{}:{version}", definition.name).into_bytes(),
+                payload: Some(payload),
+                headers: Vec::new(),
+            }],
+        )
+        .await?;
+        let ours = written.first().map(|(_, offset)| *offset).unwrap_or(-1);
+        let after = DeployedCatalog::read(kafka, codec, &topic).await?;
+        match after.first_offset(&definition.name, version) {
+            Some(offset) if offset == ours => {
+                println!("deployed {} version {version} ({label})", definition.name);
+                return Ok(());
+            }
+            _ => eprintln!(
+                "{} version {version} was deployed by someone else at the same moment; trying the next version",
+                definition.name
+            ),
         }
     }
-    let version = latest.map_or(1, |l| l.version + 1);
-    let format = if label.ends_with(".json") {
-        DefinitionFormat::Json
-    } else {
-        DefinitionFormat::Yaml
-    };
-    let record = WorkflowDefinition {
-        name: definition.name.clone(),
-        version,
-        format,
-        source,
-        description: definition.description.clone(),
-        deployed_by: std::env::var("USER").ok(),
-        deployed_at: now_millis(),
-    };
-    let payload = codec.encode(&topic, &record).await?;
-    produce_all(
-        &kafka.producer()?,
-        &[Outgoing {
-            topic,
-            partition: Some(0),
-            key: format!("{}:{version}", definition.name).into_bytes(),
-            payload: Some(payload),
-            headers: Vec::new(),
-        }],
+    bail!(
+        "could not deploy {}: ten racing deploys took every version this one picked; try again",
+        definition.name
     )
-    .await?;
-    println!("deployed {} version {version} ({label})", definition.name);
-    Ok(())
+}
+
+/// What the definitions topic holds, first record of each key winning, as the orchestrators read it.
+struct DeployedCatalog {
+    /// (name, version) -> (offset of the first record, its source)
+    versions: BTreeMap<(String, i32), (i64, Option<String>)>,
+}
+
+impl DeployedCatalog {
+    async fn read(kafka: &Kafka, codec: &Codec, topic: &str) -> anyhow::Result<DeployedCatalog> {
+        let records = {
+            let (kafka, topic) = (kafka.clone(), topic.to_string());
+            blocking(move || kafka.read_to_end(&topic, 0, Offset::Beginning)).await?
+        };
+        let mut versions = BTreeMap::new();
+        for record in &records {
+            // Versions are taken by key, so a record that no longer decodes still holds its version.
+            let Some((name, version)) = record
+                .key()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .and_then(|k| k.rsplit_once(':'))
+                .and_then(|(n, v)| Some((n.to_string(), v.parse::<i32>().ok()?)))
+            else {
+                continue;
+            };
+            if versions.contains_key(&(name.clone(), version)) || record.payload().is_none() {
+                continue;
+            }
+            let source = match codec.decode::<WorkflowDefinition>(record.payload()).await {
+                Ok(deployed) => Some(deployed.source),
+                Err(e) if e.is_transient() => {
+                    bail!("could not read the deployed definitions to pick a version: {e}")
+                }
+                Err(_) => None,
+            };
+            versions.insert((name, version), (record.offset(), source));
+        }
+        Ok(DeployedCatalog { versions })
+    }
+
+    fn latest(&self, name: &str) -> Option<(i32, String)> {
+        self.versions
+            .iter()
+            .rev()
+            .find(|((n, _), _)| n == name)
+            .and_then(|((_, v), (_, source))| Some((*v, source.clone()?)))
+    }
+
+    fn next_version(&self, name: &str) -> i32 {
+        self.versions
+            .keys()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .max()
+            .map_or(1, |v| v.saturating_add(1))
+    }
+
+    fn first_offset(&self, name: &str, version: i32) -> Option<i64> {
+        self.versions
+            .get(&(name.to_string(), version))
+            .map(|(offset, _)| *offset)
+    }
+
+    /// Refuses `definition` when its children, through the latest deployed versions, lead back to it.
+    fn refuse_cycles(&self, definition: &Definition) -> anyhow::Result<()> {
+        let mut children: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for ((name, _), (_, source)) in &self.versions {
+            if let Some(parsed) = source
+                .as_deref()
+                .and_then(|s| Definition::parse(name, s).ok())
+            {
+                // Later versions come later in the map and replace earlier ones.
+                children.insert(name.clone(), parsed.child_workflows());
+            }
+        }
+        children.insert(definition.name.clone(), definition.child_workflows());
+        let mut path = vec![definition.name.clone()];
+        if let Some(cycle) = find_cycle(&children, &mut path) {
+            bail!(
+                "{} would start a cycle of child workflows without end: {}; break the chain before deploying",
+                definition.name,
+                cycle.join(" -> ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A path from `path[0]` back to itself through `children`, if any.
+fn find_cycle(
+    children: &BTreeMap<String, Vec<String>>,
+    path: &mut Vec<String>,
+) -> Option<Vec<String>> {
+    let last = path.last()?.clone();
+    for child in children.get(&last).into_iter().flatten() {
+        if *child == path[0] {
+            let mut cycle = path.clone();
+            cycle.push(child.clone());
+            return Some(cycle);
+        }
+        if path.contains(child) {
+            continue;
+        }
+        path.push(child.clone());
+        if let Some(cycle) = find_cycle(children, path) {
+            return Some(cycle);
+        }
+        path.pop();
+    }
+    None
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -440,7 +440,13 @@ impl Builder<'_> {
     }
 
     /// Refuses a list longer than `limit`, naming the field and the bound.
-    fn at_most(field: &str, what: &str, count: usize, limit: usize, bound: &str) -> Result<(), Invalid> {
+    fn at_most(
+        field: &str,
+        what: &str,
+        count: usize,
+        limit: usize,
+        bound: &str,
+    ) -> Result<(), Invalid> {
         if count > limit {
             return Err((
                 field.to_string(),
@@ -520,7 +526,13 @@ impl Builder<'_> {
                 }
                 let count = p.branches.len();
                 let bound = "max_branches";
-                Builder::at_most(&format!("{field}.branches"), "branches", count, self.limits.max_branches, bound)?;
+                Builder::at_most(
+                    &format!("{field}.branches"),
+                    "branches",
+                    count,
+                    self.limits.max_branches,
+                    bound,
+                )?;
                 let join = match p.join {
                     None => Join::All,
                     Some(RawJoin::Word(w)) if w == "all" => Join::All,
@@ -586,7 +598,13 @@ impl Builder<'_> {
                     return Err((field, "needs at least one alternative".into()));
                 }
                 let (count, bound) = (alternatives.len(), "max_branches");
-                Builder::at_most(&field, "alternatives", count, self.limits.max_branches, bound)?;
+                Builder::at_most(
+                    &field,
+                    "alternatives",
+                    count,
+                    self.limits.max_branches,
+                    bound,
+                )?;
                 let last = alternatives.len() - 1;
                 let mut branches = Vec::new();
                 let mut always_taken: Option<usize> = None;
@@ -882,7 +900,10 @@ impl Definition {
     /// The step named `name`. Only for names the engine has checked exist (see `machine::Instance::conforms`);
     /// an unchecked name falls back to the first step rather than panicking.
     pub(crate) fn step(&self, name: &str) -> &Step {
-        debug_assert!(self.by_name.contains_key(name), "unchecked step name {name}");
+        debug_assert!(
+            self.by_name.contains_key(name),
+            "unchecked step name {name}"
+        );
         self.by_name.get(name).unwrap_or(&self.steps[0])
     }
 
@@ -892,6 +913,21 @@ impl Definition {
             .clone()
             .or_else(|| self.retry.clone())
             .unwrap_or_default()
+    }
+
+    /// Names of the workflows this definition starts as children.
+    pub fn child_workflows(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .by_name
+            .values()
+            .filter_map(|s| match &s.kind {
+                Kind::Workflow { name, .. } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Every task type this definition may dispatch (tasks, copies, compensations).

@@ -10,8 +10,8 @@ pub mod machine;
 pub use definition::{Definition, DefinitionError, RetryPolicy};
 pub use limits::Limits;
 pub use machine::{
-    Command, Dispatch, EngineError, Event, EventKind, Failure, Instance, Millis, Outcome, Start, Status,
-    TaskOutcome,
+    Command, Dispatch, EngineError, Event, EventKind, Failure, Instance, Millis, Outcome, Start,
+    Status, TaskOutcome,
 };
 
 #[cfg(test)]

@@ -451,7 +451,8 @@ impl TaskRun {
             timeout_ms: if undo {
                 None
             } else {
-                step.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+                step.timeout
+                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
             },
             phase: TaskPhase::BackingOff { due: env.now },
         };
@@ -544,7 +545,8 @@ impl TaskRun {
         let never = policy.non_retryable.contains(&failure.code);
         if failure.retryable && !never && self.attempt < policy.max_attempts {
             let task_id = format!("{}/{}/{}", env.wf, self.path, self.attempt);
-            let cap = u64::try_from(policy.backoff_cap(self.attempt).as_millis()).unwrap_or(u64::MAX - 1);
+            let cap =
+                u64::try_from(policy.backoff_cap(self.attempt).as_millis()).unwrap_or(u64::MAX - 1);
             let delay = stable_hash(&task_id) % (cap + 1);
             let due = later(env.now, u128::from(delay));
             env.emit(
@@ -1362,20 +1364,37 @@ fn conform_block(block: &Block, definition: &Definition) -> Result<(), String> {
     let steps: &[Step] = match &block.of {
         BlockOf::Root => &definition.steps,
         BlockOf::Body(name) => match &step_of(definition, name)?.kind {
-            Kind::Sequence { steps } | Kind::Map { steps, .. } | Kind::Filter { steps, .. } => steps,
-            other => return Err(format!("step '{name}' is a {}, not a block of steps", kind_name(other))),
+            Kind::Sequence { steps } | Kind::Map { steps, .. } | Kind::Filter { steps, .. } => {
+                steps
+            }
+            other => {
+                return Err(format!(
+                    "step '{name}' is a {}, not a block of steps",
+                    kind_name(other)
+                ))
+            }
         },
         BlockOf::Branch(name, i) => match &step_of(definition, name)?.kind {
             Kind::Parallel { branches, .. } if *i < branches.len() => &branches[*i].steps,
             Kind::Choice { branches } if *i < branches.len() => &branches[*i].steps,
-            other => return Err(format!("step '{name}' ({}) has no branch {i}", kind_name(other))),
+            other => {
+                return Err(format!(
+                    "step '{name}' ({}) has no branch {i}",
+                    kind_name(other)
+                ))
+            }
         },
         BlockOf::OnTimeout(name) => match &step_of(definition, name)?.kind {
             Kind::Wait {
                 on_timeout: Some(steps),
                 ..
             } => steps,
-            other => return Err(format!("step '{name}' ({}) has no on_timeout steps", kind_name(other))),
+            other => {
+                return Err(format!(
+                    "step '{name}' ({}) has no on_timeout steps",
+                    kind_name(other)
+                ))
+            }
         },
     };
     let Some(node) = &block.current else {
@@ -1400,7 +1419,12 @@ fn conform_block(block: &Block, definition: &Definition) -> Result<(), String> {
         Node::Parallel { step: name, slots } => {
             match &step_of(definition, name)?.kind {
                 Kind::Parallel { branches, .. } if branches.len() == slots.len() => {}
-                _ => return Err(format!("parallel step '{name}' does not have {} branches", slots.len())),
+                _ => {
+                    return Err(format!(
+                        "parallel step '{name}' does not have {} branches",
+                        slots.len()
+                    ))
+                }
             }
             for slot in slots {
                 if let Slot::Running(b) = slot {
@@ -1424,7 +1448,9 @@ fn conform_block(block: &Block, definition: &Definition) -> Result<(), String> {
                 && *next <= items.len()
                 && running.keys().all(|i| *i < items.len());
             if !in_range {
-                return Err(format!("map step '{name}' has iterations outside its items"));
+                return Err(format!(
+                    "map step '{name}' has iterations outside its items"
+                ));
             }
             for b in running.values() {
                 conform_block(b, definition)?;
@@ -1434,7 +1460,12 @@ fn conform_block(block: &Block, definition: &Definition) -> Result<(), String> {
         Node::Copy { step: name, slots } => {
             match &step_of(definition, name)?.kind {
                 Kind::Copy { tasks, .. } if tasks.len() == slots.len() => {}
-                _ => return Err(format!("copy step '{name}' does not have {} tasks", slots.len())),
+                _ => {
+                    return Err(format!(
+                        "copy step '{name}' does not have {} tasks",
+                        slots.len()
+                    ))
+                }
             }
             for slot in slots {
                 if let Slot::Running(run) = slot {

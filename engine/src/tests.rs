@@ -84,20 +84,26 @@ fn a_sequence_chains_each_output_into_the_next_input() {
     assert_eq!(first.input, json!({"order": "w1"}));
     assert!(!first.retry);
 
-    let commands = wf.on_result(
-        &d,
-        completed("w1/reserve/1", json!({"reserved": true})),
-        1_010,
-    ).unwrap();
+    let commands = wf
+        .on_result(
+            &d,
+            completed("w1/reserve/1", json!({"reserved": true})),
+            1_010,
+        )
+        .unwrap();
     assert_eq!(
         kinds(&commands),
         vec![EventKind::StepCompleted, EventKind::StepStarted]
     );
     assert_eq!(dispatches(&commands)[0].input, json!({"reserved": true}));
 
-    let commands = wf.on_result(&d, completed("w1/charge/1", json!({"charged": 5})), 1_020).unwrap();
+    let commands = wf
+        .on_result(&d, completed("w1/charge/1", json!({"charged": 5})), 1_020)
+        .unwrap();
     assert_eq!(dispatches(&commands)[0].input, json!({"charged": 5}));
-    let commands = wf.on_result(&d, completed("w1/ship/1", json!({"shipped": "T-1"})), 1_030).unwrap();
+    let commands = wf
+        .on_result(&d, completed("w1/ship/1", json!({"shipped": "T-1"})), 1_030)
+        .unwrap();
     assert_eq!(
         kinds(&commands),
         vec![EventKind::StepCompleted, EventKind::WorkflowCompleted]
@@ -112,23 +118,30 @@ fn a_sequence_chains_each_output_into_the_next_input() {
 fn duplicate_stale_and_late_results_change_nothing() {
     let d = definition();
     let (mut wf, _) = Instance::start(&d, start("w1"), 0);
-    wf.on_result(&d, completed("w1/reserve/1", json!(1)), 1).unwrap();
+    wf.on_result(&d, completed("w1/reserve/1", json!(1)), 1)
+        .unwrap();
     let before = wf.clone();
     assert!(wf
-        .on_result(&d, completed("w1/reserve/1", json!(1)), 2).unwrap()
+        .on_result(&d, completed("w1/reserve/1", json!(1)), 2)
+        .unwrap()
         .is_empty());
     assert!(wf
-        .on_result(&d, completed("w1/charge/7", json!(1)), 2).unwrap()
+        .on_result(&d, completed("w1/charge/7", json!(1)), 2)
+        .unwrap()
         .is_empty());
     assert!(wf
-        .on_result(&d, completed("other/charge/1", json!(1)), 2).unwrap()
+        .on_result(&d, completed("other/charge/1", json!(1)), 2)
+        .unwrap()
         .is_empty());
     assert_eq!(wf, before);
-    wf.on_result(&d, completed("w1/charge/1", json!(2)), 3).unwrap();
-    wf.on_result(&d, completed("w1/ship/1", json!(3)), 4).unwrap();
+    wf.on_result(&d, completed("w1/charge/1", json!(2)), 3)
+        .unwrap();
+    wf.on_result(&d, completed("w1/ship/1", json!(3)), 4)
+        .unwrap();
     let done = wf.clone();
     assert!(wf
-        .on_result(&d, completed("w1/ship/1", json!(3)), 5).unwrap()
+        .on_result(&d, completed("w1/ship/1", json!(3)), 5)
+        .unwrap()
         .is_empty());
     assert!(wf.on_timer(&d, 10_000).unwrap().is_empty());
     assert_eq!(wf, done);
@@ -138,7 +151,9 @@ fn duplicate_stale_and_late_results_change_nothing() {
 fn retryable_failures_back_off_then_retry_on_the_retry_topic() {
     let d = definition();
     let (mut wf, _) = Instance::start(&d, start("w1"), 0);
-    let commands = wf.on_result(&d, failed("w1/reserve/1", "timeout", true), 100).unwrap();
+    let commands = wf
+        .on_result(&d, failed("w1/reserve/1", "timeout", true), 100)
+        .unwrap();
     assert_eq!(
         kinds(&commands),
         vec![EventKind::StepFailed, EventKind::StepRetried]
@@ -152,7 +167,8 @@ fn retryable_failures_back_off_then_retry_on_the_retry_topic() {
 
     // The old attempt's result, arriving late, is ignored while backing off.
     assert!(wf
-        .on_result(&d, completed("w1/reserve/1", json!(1)), 101).unwrap()
+        .on_result(&d, completed("w1/reserve/1", json!(1)), 101)
+        .unwrap()
         .is_empty());
     assert!(wf.on_timer(&d, due - 1).unwrap().is_empty());
     let commands = wf.on_timer(&d, due).unwrap();
@@ -167,11 +183,14 @@ fn retryable_failures_back_off_then_retry_on_the_retry_topic() {
         "a retry gets the same input"
     );
 
-    wf.on_result(&d, failed("w1/reserve/2", "timeout", true), 300).unwrap();
+    wf.on_result(&d, failed("w1/reserve/2", "timeout", true), 300)
+        .unwrap();
     let due = wf.next_timer().unwrap();
     assert!((300..=500).contains(&due), "second cap is 200ms: {due}");
     wf.on_timer(&d, due).unwrap();
-    let commands = wf.on_result(&d, failed("w1/reserve/3", "timeout", true), 600).unwrap();
+    let commands = wf
+        .on_result(&d, failed("w1/reserve/3", "timeout", true), 600)
+        .unwrap();
     assert_eq!(
         kinds(&commands),
         vec![EventKind::StepFailed, EventKind::WorkflowFailed]
@@ -188,13 +207,16 @@ fn retryable_failures_back_off_then_retry_on_the_retry_topic() {
 fn non_retryable_errors_fail_at_once() {
     let d = definition();
     let (mut wf, _) = Instance::start(&d, start("w1"), 0);
-    wf.on_result(&d, completed("w1/reserve/1", json!(1)), 1).unwrap();
-    wf.on_result(&d, failed("w1/charge/1", "card_declined", true), 2).unwrap();
+    wf.on_result(&d, completed("w1/reserve/1", json!(1)), 1)
+        .unwrap();
+    wf.on_result(&d, failed("w1/charge/1", "card_declined", true), 2)
+        .unwrap();
     assert_eq!(wf.status, Status::Failed);
     assert!(wf.error.as_ref().unwrap().contains("never retries"));
 
     let (mut wf, _) = Instance::start(&d, start("w2"), 0);
-    wf.on_result(&d, failed("w2/reserve/1", "bad_input", false), 2).unwrap();
+    wf.on_result(&d, failed("w2/reserve/1", "bad_input", false), 2)
+        .unwrap();
     assert_eq!(wf.status, Status::Failed);
     assert!(wf.error.as_ref().unwrap().contains("non-retryable"));
 }
@@ -203,10 +225,16 @@ fn non_retryable_errors_fail_at_once() {
 fn event_ids_are_unique_per_transition_and_stable() {
     let d = definition();
     let (mut wf, mut all) = Instance::start(&d, start("w1"), 0);
-    all.extend(wf.on_result(&d, failed("w1/reserve/1", "x", true), 1).unwrap());
+    all.extend(
+        wf.on_result(&d, failed("w1/reserve/1", "x", true), 1)
+            .unwrap(),
+    );
     let due = wf.next_timer().unwrap();
     all.extend(wf.on_timer(&d, due).unwrap());
-    all.extend(wf.on_result(&d, completed("w1/reserve/2", json!(1)), 500).unwrap());
+    all.extend(
+        wf.on_result(&d, completed("w1/reserve/2", json!(1)), 500)
+            .unwrap(),
+    );
     let ids: Vec<String> = all
         .iter()
         .filter_map(|c| match c {

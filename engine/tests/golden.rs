@@ -105,14 +105,16 @@ fn run(history: &History) -> String {
             } => {
                 out.push_str(&format!("> result {task_id} {output}\n"));
                 let outcome = Outcome::Completed(output.clone());
-                instance.on_result(
-                    &definition,
-                    TaskOutcome {
-                        task_id: task_id.clone(),
-                        outcome,
-                    },
-                    now,
-                ).unwrap()
+                instance
+                    .on_result(
+                        &definition,
+                        TaskOutcome {
+                            task_id: task_id.clone(),
+                            outcome,
+                        },
+                        now,
+                    )
+                    .unwrap()
             }
             Input {
                 fail: Some((task_id, code, retryable)),
@@ -127,14 +129,16 @@ fn run(history: &History) -> String {
                     message: format!("{code} happened"),
                     retryable: *retryable,
                 });
-                instance.on_result(
-                    &definition,
-                    TaskOutcome {
-                        task_id: task_id.clone(),
-                        outcome,
-                    },
-                    now,
-                ).unwrap()
+                instance
+                    .on_result(
+                        &definition,
+                        TaskOutcome {
+                            task_id: task_id.clone(),
+                            outcome,
+                        },
+                        now,
+                    )
+                    .unwrap()
             }
             Input {
                 advance: Some(ms), ..
@@ -148,13 +152,17 @@ fn run(history: &History) -> String {
                 ..
             } => {
                 out.push_str(&format!("> signal {name} ({id}) {payload}\n"));
-                instance.on_signal(&definition, id, name, payload.clone(), now).unwrap()
+                instance
+                    .on_signal(&definition, id, name, payload.clone(), now)
+                    .unwrap()
             }
             Input {
                 cancel: Some(id), ..
             } => {
                 out.push_str(&format!("> cancel ({id})\n"));
-                instance.on_cancel(&definition, id, "by the test", now).unwrap()
+                instance
+                    .on_cancel(&definition, id, "by the test", now)
+                    .unwrap()
             }
             _ => panic!("an input sets exactly one of result, fail, advance, signal, cancel"),
         };

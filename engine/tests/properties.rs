@@ -212,33 +212,39 @@ fn run(def: &Definition, inputs: &[Input], duplicate: bool) -> Run {
                         _ => Outcome::Completed(json!({"from": task_id})),
                     };
                     run.answered.insert(task_id.clone());
-                    run.instance.on_result(
+                    run.instance
+                        .on_result(
+                            def,
+                            TaskOutcome {
+                                task_id: task_id.clone(),
+                                outcome,
+                            },
+                            now,
+                        )
+                        .unwrap()
+                }
+                (Input::Complete(_) | Input::Fail(..) | Input::Stale, _) => run
+                    .instance
+                    .on_result(
                         def,
                         TaskOutcome {
-                            task_id: task_id.clone(),
-                            outcome,
+                            task_id: format!("p/nothing/{n}"),
+                            outcome: Outcome::Completed(Value::Null),
                         },
                         now,
-                    ).unwrap()
-                }
-                (Input::Complete(_) | Input::Fail(..) | Input::Stale, _) => run.instance.on_result(
-                    def,
-                    TaskOutcome {
-                        task_id: format!("p/nothing/{n}"),
-                        outcome: Outcome::Completed(Value::Null),
-                    },
-                    now,
-                ).unwrap(),
+                    )
+                    .unwrap(),
                 (Input::Advance(_), _) => run.instance.on_timer(def, now).unwrap(),
                 (Input::Signal(i), _) => {
                     let name = ["go", "stop", "go"][*i as usize];
                     run.instance
-                        .on_signal(def, &format!("sig-{n}"), name, json!({"n": n}), now).unwrap()
+                        .on_signal(def, &format!("sig-{n}"), name, json!({"n": n}), now)
+                        .unwrap()
                 }
-                (Input::Cancel, _) => {
-                    run.instance
-                        .on_cancel(def, &format!("cancel-{n}"), "random", now).unwrap()
-                }
+                (Input::Cancel, _) => run
+                    .instance
+                    .on_cancel(def, &format!("cancel-{n}"), "random", now)
+                    .unwrap(),
             };
             run.absorb(commands);
         }
@@ -385,7 +391,10 @@ proptest! {
 fn definition_limits_name_the_field() {
     let wide = format!(
         "name: wide\nsteps:\n  - name: fan\n    parallel:\n      branches: [{}]\n",
-        (0..1001).map(|i| format!("{{name: b{i}, steps: [{{name: t{i}, task: t}}]}}")).collect::<Vec<_>>().join(", ")
+        (0..1001)
+            .map(|i| format!("{{name: b{i}, steps: [{{name: t{i}, task: t}}]}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let e = Definition::parse("wide.yaml", &wide).unwrap_err();
     assert_eq!(e.field, "steps[0].parallel.branches");
@@ -425,7 +434,10 @@ fn a_map_over_more_items_than_the_limit_fails_its_step() {
     assert!(instance.is_terminal());
     assert!(!commands.iter().any(|c| matches!(c, Command::Dispatch(_))));
     let error = instance.error.unwrap();
-    assert!(error.contains("max_map_items") && error.contains("at most 100"), "{error}");
+    assert!(
+        error.contains("max_map_items") && error.contains("at most 100"),
+        "{error}"
+    );
 }
 
 #[test]

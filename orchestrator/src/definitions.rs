@@ -1,12 +1,15 @@
 //! The deployed workflow definitions, read from the compacted `edow.definitions` topic into memory and kept
 //! current by a background reader. Instances look up the exact version they are pinned to.
+//!
+//! The first record of a (name, version) wins: a later record under the same key (a racing deploy, a replayed
+//! or forged record) is ignored and logged, so a running instance never finds its definition changed under it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use edow_engine::Definition;
+use edow_engine::{Definition, Limits};
 use edow_kafka::Kafka;
 use edow_schemas::contracts::WorkflowDefinition;
 use edow_schemas::Codec;
@@ -36,6 +39,7 @@ impl Definitions {
         kafka: &Kafka,
         codec: Arc<Codec>,
         topic: &str,
+        limits: Limits,
     ) -> anyhow::Result<Definitions> {
         let consumer: StreamConsumer = kafka
             .group_consumer_config("edow-definitions-reader")
@@ -46,7 +50,13 @@ impl Definitions {
         consumer.assign(&assignment)?;
         let catalog = Arc::new(RwLock::new(Catalog::default()));
         let (applied_tx, applied) = watch::channel(0);
-        let reader = tokio::spawn(read_forever(consumer, codec, catalog.clone(), applied_tx));
+        let reader = tokio::spawn(read_forever(
+            consumer,
+            codec,
+            catalog.clone(),
+            applied_tx,
+            limits,
+        ));
         let definitions = Definitions {
             catalog,
             applied,
@@ -103,6 +113,7 @@ async fn read_forever(
     codec: Arc<Codec>,
     catalog: Arc<RwLock<Catalog>>,
     applied: watch::Sender<i64>,
+    limits: Limits,
 ) {
     loop {
         let msg = match consumer.recv().await {
@@ -118,14 +129,25 @@ async fn read_forever(
             match codec.decode::<WorkflowDefinition>(msg.payload()).await {
                 Ok(deployed) => {
                     let label = format!("{}:{}", deployed.name, deployed.version);
-                    match Definition::parse(&label, &deployed.source) {
+                    match Definition::parse_with_limits(&label, &deployed.source, &limits) {
+                        Ok(definition) if definition.name != deployed.name => tracing::error!(
+                            offset,
+                            "skipping definition record {label}: its source is named '{}'",
+                            definition.name
+                        ),
                         Ok(definition) => {
                             let mut catalog = catalog.write().unwrap_or_else(|e| e.into_inner());
-                            let latest = catalog.latest.entry(deployed.name.clone()).or_insert(0);
-                            *latest = (*latest).max(deployed.version);
-                            catalog
-                                .versions
-                                .insert((deployed.name, deployed.version), Arc::new(definition));
+                            let key = (deployed.name.clone(), deployed.version);
+                            if catalog.versions.contains_key(&key) {
+                                tracing::warn!(
+                                    offset,
+                                    "ignoring a second record of definition {label}: the first one deployed wins"
+                                );
+                            } else {
+                                let latest = catalog.latest.entry(deployed.name).or_insert(0);
+                                *latest = (*latest).max(deployed.version);
+                                catalog.versions.insert(key, Arc::new(definition));
+                            }
                         }
                         Err(e) => {
                             tracing::error!(offset, "skipping an invalid deployed definition: {e}")

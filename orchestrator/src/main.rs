@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
+use edow_engine::Limits;
 use edow_kafka::args::ClusterArgs;
 
 #[derive(Parser, Debug)]
@@ -20,22 +21,48 @@ struct Args {
     /// Most inputs applied per batch.
     #[arg(long, env = "EDOW_MAX_BATCH", default_value_t = 500)]
     max_batch: usize,
+    /// Largest JSON payload (workflow input, signal payload, task output) in bytes.
+    #[arg(long, env = "EDOW_MAX_PAYLOAD_BYTES", default_value_t = Limits::default().max_payload_bytes)]
+    max_payload_bytes: usize,
+    /// Deepest nesting of arrays and objects in a JSON payload.
+    #[arg(long, env = "EDOW_MAX_JSON_DEPTH", default_value_t = Limits::default().max_json_depth)]
+    max_json_depth: usize,
+    /// Most elements a map step may iterate over.
+    #[arg(long, env = "EDOW_MAX_MAP_ITEMS", default_value_t = Limits::default().max_map_items)]
+    max_map_items: usize,
+    /// How long an ended workflow stays in the changelog before it is purged (e.g. 7d, 12h).
+    #[arg(long, env = "EDOW_ENDED_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    ended_retention: Duration,
+    /// Most ended workflows remembered per partition; the oldest beyond it are purged early.
+    #[arg(long, env = "EDOW_MAX_ENDED_PER_PARTITION", default_value_t = 100_000)]
+    max_ended_per_partition: usize,
+    /// Largest record produced, in bytes; keep it below the broker's message.max.bytes.
+    #[arg(long, env = "EDOW_MAX_RECORD_BYTES", default_value_t = 900 * 1024)]
+    max_record_bytes: usize,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     edow_kafka::process::init_logging();
     let args = Args::parse();
-    let config = edow_orchestrator::Config {
-        kafka: args.cluster.kafka(),
-        topics: args.cluster.topics(),
-        registry_url: args.cluster.registry,
-        partitions: args.cluster.partitions,
-        task_partitions: args.cluster.task_partitions,
-        replication_factor: args.cluster.replication_factor,
-        group: args.group,
-        max_batch: args.max_batch,
-        tick: Duration::from_millis(50),
+    let mut config = edow_orchestrator::Config::new(
+        args.cluster.kafka(),
+        args.cluster.registry.clone(),
+        args.cluster.topics(),
+    );
+    config.partitions = args.cluster.partitions;
+    config.task_partitions = args.cluster.task_partitions;
+    config.replication_factor = args.cluster.replication_factor;
+    config.group = args.group;
+    config.max_batch = args.max_batch;
+    config.limits = Limits {
+        max_payload_bytes: args.max_payload_bytes,
+        max_json_depth: args.max_json_depth,
+        max_map_items: args.max_map_items,
+        ..Limits::default()
     };
+    config.ended_retention = args.ended_retention;
+    config.max_ended_per_partition = args.max_ended_per_partition;
+    config.max_record_bytes = args.max_record_bytes;
     edow_orchestrator::run(config, edow_kafka::process::shutdown_signal()).await
 }

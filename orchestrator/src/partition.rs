@@ -1,12 +1,17 @@
-//! What an orchestrator instance holds for one owned partition: the workflow instances whose changelog lives in
-//! it, their retry timers, and where the partition's lifecycle events end. Also the changelog record format.
+//! What an orchestrator instance holds for one owned partition: the running workflow instances whose changelog
+//! lives in it, their timers, the ids of workflows that ended (for deduplication until they are purged), and where
+//! the partition's lifecycle events end. Also the changelog record format.
+//!
+//! Memory is proportional to what runs: an ended workflow's state leaves memory once its last change is produced,
+//! leaving only its id and end time in [`Ended`], which is itself bounded in count and time. When an id leaves
+//! `Ended`, a tombstone removes the workflow from the changelog too.
 //!
 //! Each changelog record carries an outbox: the commands of the instance's last change. Outputs are produced only
 //! after the changelog record is acknowledged, so after a crash the outbox tells a restoring instance what may not
 //! have been produced; it checks the co-partitioned events topic for those event ids and re-produces only what is
 //! missing. That is how a crash neither loses a step nor emits a lifecycle event twice.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use edow_engine::{Command, Instance, Millis, Status};
 use edow_schemas::contracts::{WorkflowState, WorkflowStatus};
@@ -14,6 +19,10 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the `engine_state` JSON layout.
 pub const ENGINE_STATE_VERSION: i32 = 1;
+
+/// Deepest engine state read back: inputs of at most 64 levels inside a tree of at most 16 nested blocks, each
+/// taking a handful of levels, stays well below it; the bound only keeps a hostile record from overflowing the stack.
+const MAX_STATE_DEPTH: usize = 256;
 
 /// Commands of an instance's last change that may not have been produced yet.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -56,7 +65,7 @@ impl Persisted {
             created_at: i.created_at,
             updated_at: i.updated_at,
             engine_state_version: ENGINE_STATE_VERSION,
-            engine_state: serde_json::to_string(self).expect("engine state serialises"),
+            engine_state: serde_json::to_string(self).unwrap_or_default(),
         }
     }
 
@@ -68,15 +77,74 @@ impl Persisted {
                 record.engine_state_version
             ));
         }
-        serde_json::from_str(&record.engine_state)
+        // Inputs are at most `max_json_depth` deep and definitions `max_definition_depth`, but the engine's tree
+        // adds levels of its own; a bounded scan first, then a parse without serde_json's 128-level cap.
+        let depth = edow_engine::limits::json_depth(&record.engine_state);
+        if depth > MAX_STATE_DEPTH {
+            return Err(format!(
+                "engine_state nests {depth} levels deep, more than the {MAX_STATE_DEPTH} any state of this \
+                 orchestrator has"
+            ));
+        }
+        let mut deserializer = serde_json::Deserializer::from_str(&record.engine_state);
+        deserializer.disable_recursion_limit();
+        Persisted::deserialize(&mut deserializer)
             .map_err(|e| format!("engine_state is unreadable: {e}"))
+    }
+}
+
+/// Ids of ended workflows, oldest end first: a trigger naming one starts nothing, a late result or signal for
+/// one is dropped quietly. Kept until `retention` after the end, and at most `capacity` of them.
+#[derive(Default)]
+pub struct Ended {
+    by_id: HashMap<String, Millis>,
+    order: VecDeque<(Millis, String)>,
+}
+
+impl Ended {
+    pub fn insert(&mut self, id: String, ended_at: Millis) {
+        if self.by_id.insert(id.clone(), ended_at).is_none() {
+            // Ends arrive in time order but for clock skew between instances; a slightly unsorted queue only
+            // delays a purge until the entry in front of it is due.
+            self.order.push_back((ended_at, id));
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Removes and returns the ids ended at or before `cutoff`, and the oldest beyond `capacity`.
+    pub fn take_expired(&mut self, cutoff: Millis, capacity: usize) -> Vec<String> {
+        let mut expired = Vec::new();
+        while let Some((at, _)) = self.order.front() {
+            if *at > cutoff && self.by_id.len() <= capacity {
+                break;
+            }
+            let Some((_, id)) = self.order.pop_front() else {
+                break;
+            };
+            self.by_id.remove(&id);
+            expired.push(id);
+        }
+        expired
     }
 }
 
 /// The instances of one owned partition.
 #[derive(Default)]
 pub struct PartitionState {
+    /// Workflows that have not ended, and ended ones whose last change is still being produced.
     pub instances: HashMap<String, Persisted>,
+    pub ended: Ended,
     /// (due time, workflow id) of every pending retry.
     pub timers: BTreeSet<(Millis, String)>,
     /// Offset the next lifecycle event written to this partition gets.
@@ -96,6 +164,27 @@ impl PartitionState {
             self.timers.insert((due, id.clone()));
         }
         self.instances.insert(id, persisted);
+    }
+
+    /// Moves an ended instance out of memory, keeping its id in `ended`.
+    pub fn retire(&mut self, id: &str) {
+        let Some(persisted) = self.instances.get(id) else {
+            return;
+        };
+        if !persisted.instance.is_terminal() {
+            return;
+        }
+        if let Some(old) = self.instances.remove(id) {
+            if let Some(due) = old.instance.next_timer() {
+                self.timers.remove(&(due, id.to_string()));
+            }
+            self.ended.insert(id.to_string(), old.instance.updated_at);
+        }
+    }
+
+    /// Whether a workflow of this id runs here or ended here and is not purged yet.
+    pub fn knows(&self, id: &str) -> bool {
+        self.instances.contains_key(id) || self.ended.contains(id)
     }
 
     /// Ids of instances with a timer due at `now` or before, removed from the timer index.

@@ -36,6 +36,11 @@ pub enum CodecError {
     UnknownSchema { id: u32, detail: String },
     #[error("the schema registry could not be reached ({detail}); it will be retried")]
     RegistryUnavailable { detail: String },
+    #[error(
+        "the schema registry refused to give schema id {id} ({detail}); check the registry's credentials and \
+         that the id names an Avro schema, then replay the record from the dead-letter topic"
+    )]
+    RegistryRefused { id: u32, detail: String },
     #[error("the bytes do not decode with their writer schema id {id}: {detail}")]
     Undecodable { id: u32, detail: String },
     #[error(
@@ -68,6 +73,7 @@ impl CodecError {
             CodecError::NotFramed { .. } => "not_framed",
             CodecError::UnknownSchema { .. } => "unknown_schema",
             CodecError::RegistryUnavailable { .. } => "registry_unavailable",
+            CodecError::RegistryRefused { .. } => "registry_refused",
             CodecError::Undecodable { .. } => "undecodable",
             CodecError::Incompatible { .. } => "incompatible",
             CodecError::Invalid { .. } => "invalid",
@@ -170,11 +176,15 @@ impl Codec {
         })?;
         if let Err(e) = self.decoder.get_schema(id).await {
             let detail = describe(&e);
-            return Err(if e.retriable || !detail.contains("404") {
-                self.decoder.remove_errors_from_cache();
+            // Only what may pass by itself is transient: no connection, a timeout, a 5xx. A 401/403, a schema
+            // that is not Avro, or any other answer stays the same on every try, so it dead-letters the record.
+            self.decoder.remove_errors_from_cache();
+            return Err(if e.retriable || detail.contains("failed with status 5") {
                 CodecError::RegistryUnavailable { detail }
-            } else {
+            } else if detail.contains("404") {
                 CodecError::UnknownSchema { id, detail }
+            } else {
+                CodecError::RegistryRefused { id, detail }
             });
         }
         let written =

@@ -1,0 +1,108 @@
+//! The consuming edge: the group consumer's rebalance notes, and collecting a batch of inputs. Assignment and
+//! revocation are only recorded in the callbacks; the loop acts on them between batches, so a partition is never
+//! restored or forgotten while a batch of it is being applied.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{ClientContext, Message, TopicPartitionList};
+
+/// Partition changes seen by the consumer, handled between batches.
+#[derive(Default)]
+pub struct RebalanceTracker {
+    changes: Mutex<Vec<(bool, BTreeSet<i32>)>>,
+}
+
+impl RebalanceTracker {
+    fn record(&self, assigned: bool, list: &TopicPartitionList) {
+        let partitions: BTreeSet<i32> = list.elements().iter().map(|e| e.partition()).collect();
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((assigned, partitions));
+    }
+
+    /// The changes since the last call: (assigned or revoked, partitions), in order.
+    pub fn take(&self) -> Vec<(bool, BTreeSet<i32>)> {
+        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl ClientContext for RebalanceTracker {}
+
+impl ConsumerContext for RebalanceTracker {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            self.record(false, list);
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            self.record(true, list);
+        }
+    }
+}
+
+pub type InputConsumer = StreamConsumer<RebalanceTracker>;
+
+/// Waits up to `tick` for the first input, then takes what else is ready, up to `max_batch`.
+pub async fn collect_batch(
+    consumer: &InputConsumer,
+    tick: Duration,
+    max_batch: usize,
+) -> Vec<OwnedMessage> {
+    let mut batch = Vec::new();
+    match tokio::time::timeout(tick, consumer.recv()).await {
+        Ok(Ok(msg)) => batch.push(msg.detach()),
+        Ok(Err(e)) => {
+            tracing::warn!("consuming: {e}");
+            return batch;
+        }
+        Err(_) => return batch,
+    }
+    while batch.len() < max_batch {
+        match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+            Ok(Ok(msg)) => batch.push(msg.detach()),
+            _ => break,
+        }
+    }
+    batch
+}
+
+/// The partitions of `topic` this consumer is assigned now, as librdkafka knows it.
+pub fn assigned(consumer: &InputConsumer, topic: &str) -> BTreeSet<i32> {
+    use rdkafka::consumer::Consumer;
+    consumer
+        .assignment()
+        .map(|list| {
+            list.elements()
+                .iter()
+                .filter(|e| e.topic() == topic)
+                .map(|e| e.partition())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Moves the consumer back to `offset` of `topic`/`partition`, so a batch that could not be applied is read again.
+pub fn rewind(consumer: &InputConsumer, message: &OwnedMessage) {
+    use rdkafka::consumer::Consumer;
+    let to = rdkafka::Offset::Offset(message.offset());
+    if let Err(e) = consumer.seek(
+        message.topic(),
+        message.partition(),
+        to,
+        Duration::from_secs(5),
+    ) {
+        tracing::warn!(
+            topic = message.topic(),
+            partition = message.partition(),
+            "could not rewind to offset {}: {e}",
+            message.offset()
+        );
+    }
+}

@@ -1,0 +1,381 @@
+//! The producing edge: the records of a batch. Per changed workflow, its changelog record (state and outbox), the
+//! tasks and workflow records of its outbox, and its lifecycle events; then tombstones of purged workflows.
+//! Changelog records are written and acknowledged first, then tasks, then events (see `partition` for why that
+//! order makes the outbox check at restore sound).
+//!
+//! Every record is checked against `max_record_bytes` before anything is produced: a workflow with a record
+//! over it is failed (`state_too_large`) and its records built again, so an oversized state can never make the
+//! broker refuse a write and stop the loop.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+use edow_engine::{Command, Dispatch, Event, EventKind, Instance, Outcome};
+use edow_kafka::{now_millis, produce_all, Outgoing, TopicSpec, EVENT_ID_HEADER};
+use edow_schemas::contracts::{
+    LifecycleEvent, LifecycleKind, SignalKind, TaskError, TaskRequested, TaskResult, TaskStatus,
+    WorkflowSignal, WorkflowTrigger,
+};
+use edow_schemas::Topics;
+use serde_json::Value;
+
+use crate::{Orchestrator, DEPTH_ATTRIBUTE, PARENT_ATTRIBUTE};
+
+/// The records of one changed workflow.
+struct WorkflowRecords {
+    changelog: Outgoing,
+    tasks: Vec<Outgoing>,
+    events: Vec<Outgoing>,
+}
+
+impl WorkflowRecords {
+    /// The largest record, in bytes, and which it is.
+    fn largest(&self) -> (usize, String) {
+        std::iter::once(&self.changelog)
+            .chain(&self.tasks)
+            .chain(&self.events)
+            .map(|r| {
+                (
+                    r.key.len() + r.payload.as_ref().map_or(0, Vec::len),
+                    r.topic.clone(),
+                )
+            })
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+impl Orchestrator {
+    /// Writes the changelog records of `changed` and the tombstones of `purged`, then produces the outboxes:
+    /// tasks first, then events.
+    pub(crate) async fn produce_outputs(
+        &mut self,
+        changed: &BTreeSet<(i32, String)>,
+        purged: &[(i32, String)],
+        now: i64,
+    ) -> anyhow::Result<()> {
+        if changed.is_empty() && purged.is_empty() {
+            return Ok(());
+        }
+        let topics = self.config.topics.clone();
+        let mut changelog = Vec::with_capacity(changed.len() + purged.len());
+        let mut tasks = Vec::new();
+        let mut events = Vec::new();
+        for (partition, id) in changed {
+            let Some(mut records) = self.workflow_records(*partition, id).await? else {
+                continue;
+            };
+            let (size, topic) = records.largest();
+            if size > self.config.max_record_bytes {
+                let message = format!(
+                    "a record for {topic} would be {size} bytes, over the limit of {} (max_record_bytes); \
+                     keep large data out of workflow state (pass references)",
+                    self.config.max_record_bytes
+                );
+                self.fail_oversized(*partition, id, &message, now);
+                match self.workflow_records(*partition, id).await? {
+                    Some(smaller) if smaller.largest().0 <= self.config.max_record_bytes => {
+                        records = smaller
+                    }
+                    _ => {
+                        tracing::error!(
+                            workflow_id = %id,
+                            "even the failed workflow's records are over max_record_bytes; nothing is written \
+                             for it, and it will be restored as it was before this batch"
+                        );
+                        continue;
+                    }
+                }
+            }
+            changelog.push(records.changelog);
+            tasks.extend(records.tasks);
+            events.extend(records.events);
+        }
+        for (partition, id) in purged {
+            changelog.push(Outgoing {
+                topic: topics.state(),
+                partition: Some(*partition),
+                key: id.as_bytes().to_vec(),
+                payload: None,
+                headers: Vec::new(),
+            });
+        }
+        produce_all(&self.producer, &changelog)
+            .await
+            .context("writing the changelog")?;
+        produce_all(&self.producer, &tasks)
+            .await
+            .context("dispatching tasks")?;
+        let positions = produce_all(&self.producer, &events)
+            .await
+            .context("emitting lifecycle events")?;
+        for (partition, offset) in positions {
+            if let Some(state) = self.partitions.get_mut(&partition) {
+                state.events_end = state.events_end.max(offset + 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails a workflow whose records are too large: its outbox keeps the events already emitted, loses the
+    /// tasks and children it can no longer use, and gains the failure.
+    fn fail_oversized(&mut self, partition: i32, id: &str, message: &str, now: i64) {
+        let Some(persisted) = self
+            .partitions
+            .get_mut(&partition)
+            .and_then(|s| s.instances.get_mut(id))
+        else {
+            return;
+        };
+        tracing::error!(workflow_id = id, "failing the workflow: {message}");
+        let commands = persisted.instance.abort(
+            "state_too_large",
+            format!("state_too_large: {message}"),
+            now,
+        );
+        persisted
+            .outbox
+            .commands
+            .retain(|c| matches!(c, Command::Emit(_)));
+        persisted.outbox.commands.extend(commands);
+        let persisted = persisted.clone();
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.put(persisted);
+        }
+    }
+
+    async fn workflow_records(
+        &mut self,
+        partition: i32,
+        id: &str,
+    ) -> anyhow::Result<Option<WorkflowRecords>> {
+        let Some(persisted) = self
+            .partitions
+            .get(&partition)
+            .and_then(|s| s.instances.get(id))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let topics = self.config.topics.clone();
+        let value = self
+            .codec
+            .encode(&topics.state(), &persisted.to_record())
+            .await?;
+        let mut records = WorkflowRecords {
+            changelog: Outgoing {
+                topic: topics.state(),
+                partition: Some(partition),
+                key: id.as_bytes().to_vec(),
+                payload: Some(value),
+                headers: Vec::new(),
+            },
+            tasks: Vec::new(),
+            events: Vec::new(),
+        };
+        for command in &persisted.outbox.commands {
+            match command {
+                Command::Dispatch(dispatch) => records
+                    .tasks
+                    .push(self.task_record(&persisted.instance, dispatch).await?),
+                Command::Emit(event) => records.events.push(
+                    self.event_record(partition, &persisted.instance, event)
+                        .await?,
+                ),
+                other => records
+                    .tasks
+                    .push(self.workflow_record(&persisted.instance, other).await?),
+            }
+        }
+        Ok(Some(records))
+    }
+
+    pub(crate) async fn task_record(
+        &mut self,
+        instance: &Instance,
+        dispatch: &Dispatch,
+    ) -> anyhow::Result<Outgoing> {
+        let topics = &self.config.topics;
+        let topic = if dispatch.retry {
+            topics.task_retries(&dispatch.task_type)
+        } else {
+            topics.tasks(&dispatch.task_type)
+        };
+        if !self.task_topics.contains(&topic) {
+            let (p, rf) = (self.config.task_partitions, self.config.replication_factor);
+            let main = topics.tasks(&dispatch.task_type);
+            let retry = topics.task_retries(&dispatch.task_type);
+            let specs = [
+                TopicSpec::new(main.clone(), p, rf),
+                TopicSpec::new(retry.clone(), p, rf),
+                TopicSpec::new(Topics::dead_letters(&main), p, rf),
+                TopicSpec::new(Topics::dead_letters(&retry), p, rf),
+            ];
+            self.config.kafka.ensure_topics(&specs).await?;
+            self.task_topics.extend([main, retry]);
+        }
+        let task = TaskRequested {
+            task_id: dispatch.task_id.clone(),
+            workflow_id: instance.workflow_id.clone(),
+            workflow_name: instance.workflow_name.clone(),
+            workflow_version: instance.workflow_version,
+            step: dispatch.step.clone(),
+            task_type: dispatch.task_type.clone(),
+            attempt: dispatch.attempt as i32,
+            input: dispatch.input.to_string(),
+            deadline_at: dispatch.deadline,
+            priority: instance.priority,
+            correlation_id: instance.correlation_id.clone(),
+            requested_at: now_millis(),
+        };
+        Ok(Outgoing {
+            payload: Some(self.codec.encode(&topic, &task).await?),
+            topic,
+            partition: None,
+            key: instance.workflow_id.as_bytes().to_vec(),
+            headers: Vec::new(),
+        })
+    }
+
+    /// A record that starts, cancels or reports to another workflow.
+    async fn workflow_record(
+        &self,
+        instance: &Instance,
+        command: &Command,
+    ) -> anyhow::Result<Outgoing> {
+        let topics = &self.config.topics;
+        let now = now_millis();
+        let (topic, key, payload) = match command {
+            Command::StartChild {
+                child_id,
+                name,
+                version,
+                input,
+            } => {
+                let trigger = WorkflowTrigger {
+                    workflow_id: child_id.clone(),
+                    workflow_name: name.clone(),
+                    workflow_version: *version,
+                    input: input.to_string(),
+                    idempotency_key: None,
+                    correlation_id: instance.correlation_id.clone(),
+                    priority: instance.priority,
+                    requested_at: now,
+                    attributes: [
+                        (PARENT_ATTRIBUTE.to_string(), instance.workflow_id.clone()),
+                        (
+                            DEPTH_ATTRIBUTE.to_string(),
+                            (instance.depth + 1).to_string(),
+                        ),
+                    ]
+                    .into(),
+                };
+                let topic = topics.triggers();
+                let payload = self.codec.encode(&topic, &trigger).await?;
+                (topic, child_id, payload)
+            }
+            Command::CancelChild { child_id } => {
+                let reason = format!("parent {} no longer needs it", instance.workflow_id);
+                let signal = WorkflowSignal {
+                    signal_id: format!("{child_id}/cancel-by-parent"),
+                    workflow_id: child_id.clone(),
+                    kind: SignalKind::Cancel,
+                    name: None,
+                    payload: Value::String(reason).to_string(),
+                    correlation_id: instance.correlation_id.clone(),
+                    sent_at: now,
+                };
+                let topic = topics.signals();
+                let payload = self.codec.encode(&topic, &signal).await?;
+                (topic, child_id, payload)
+            }
+            Command::ReportToParent {
+                parent_id,
+                task_id,
+                outcome,
+            } => {
+                let (status, output, error) = match outcome {
+                    Outcome::Completed(v) => (TaskStatus::Completed, Some(v.to_string()), None),
+                    Outcome::Failed(f) => {
+                        let error = TaskError {
+                            code: f.code.clone(),
+                            message: f.message.clone(),
+                            retryable: false,
+                        };
+                        (TaskStatus::Failed, None, Some(error))
+                    }
+                };
+                let result = TaskResult {
+                    task_id: task_id.clone(),
+                    workflow_id: parent_id.clone(),
+                    step: "child-workflow".into(),
+                    attempt: 1,
+                    status,
+                    output,
+                    error,
+                    worker_id: format!("workflow:{}", instance.workflow_id),
+                    started_at: instance.created_at,
+                    finished_at: instance.updated_at,
+                };
+                let topic = topics.results();
+                let payload = self.codec.encode(&topic, &result).await?;
+                (topic, parent_id, payload)
+            }
+            Command::Dispatch(_) | Command::Emit(_) => {
+                anyhow::bail!("tasks and events are not workflow records")
+            }
+        };
+        Ok(Outgoing {
+            topic,
+            partition: None,
+            key: key.as_bytes().to_vec(),
+            payload: Some(payload),
+            headers: Vec::new(),
+        })
+    }
+
+    async fn event_record(
+        &self,
+        partition: i32,
+        instance: &Instance,
+        event: &Event,
+    ) -> anyhow::Result<Outgoing> {
+        let topic = self.config.topics.events();
+        let record = LifecycleEvent {
+            event_id: event.event_id.clone(),
+            workflow_id: instance.workflow_id.clone(),
+            workflow_name: instance.workflow_name.clone(),
+            workflow_version: instance.workflow_version,
+            kind: lifecycle_kind(event.kind),
+            step: event.step.clone(),
+            attempt: event.attempt.map(|a| a as i32),
+            detail: event.detail.as_ref().map(Value::to_string),
+            correlation_id: instance.correlation_id.clone(),
+            at: instance.updated_at,
+        };
+        Ok(Outgoing {
+            payload: Some(self.codec.encode(&topic, &record).await?),
+            topic,
+            partition: Some(partition),
+            key: instance.workflow_id.as_bytes().to_vec(),
+            headers: vec![(EVENT_ID_HEADER, event.event_id.as_bytes().to_vec())],
+        })
+    }
+}
+
+pub(crate) fn lifecycle_kind(kind: EventKind) -> LifecycleKind {
+    match kind {
+        EventKind::WorkflowStarted => LifecycleKind::WorkflowStarted,
+        EventKind::StepStarted => LifecycleKind::StepStarted,
+        EventKind::StepCompleted => LifecycleKind::StepCompleted,
+        EventKind::StepFailed => LifecycleKind::StepFailed,
+        EventKind::StepRetried => LifecycleKind::StepRetried,
+        EventKind::WorkflowCompleted => LifecycleKind::WorkflowCompleted,
+        EventKind::WorkflowFailed => LifecycleKind::WorkflowFailed,
+        EventKind::Compensating => LifecycleKind::Compensating,
+        EventKind::WorkflowCancelled => LifecycleKind::WorkflowCancelled,
+        EventKind::WorkflowCompensated => LifecycleKind::WorkflowCompensated,
+        EventKind::WorkflowFiltered => LifecycleKind::WorkflowFiltered,
+        EventKind::CompensationFailed => LifecycleKind::CompensationFailed,
+    }
+}
