@@ -163,7 +163,7 @@ pub struct Block {
     index: usize,
     /// Output of the previous step (the block's input before the first).
     last: Value,
-    /// Input of the step at `index`, kept for its compensation.
+    /// Input of the step at `index` when it names a compensation (null otherwise), kept for that compensation.
     step_input: Value,
     /// Outputs of this block's completed steps, by name, for `steps.<name>` in expressions.
     outputs: BTreeMap<String, Value>,
@@ -637,7 +637,12 @@ impl Block {
                 match input {
                     Err(message) => (None, Progress::Failed(expression_failure(message))),
                     Ok(input) => {
-                        self.step_input = input.clone();
+                        // Kept only where a compensation will need it: one copy less of every payload.
+                        self.step_input = if step.compensate.is_some() {
+                            input.clone()
+                        } else {
+                            Value::Null
+                        };
                         let path = format!("{}{}", self.prefix, step.name);
                         if !matches!(step.kind, Kind::Task { .. }) {
                             env.emit(EventKind::StepStarted, Some(&path), None, None);
@@ -2021,6 +2026,40 @@ impl Instance {
             Progress::Running | Progress::Filtered(_) => {}
         }
         commands
+    }
+
+    /// The input of the running task attempt `task_id`, if that attempt is running. Lets a stored outbox leave
+    /// task inputs out: they are in the tree already.
+    pub fn running_task_input(&self, task_id: &str) -> Option<&Value> {
+        fn in_run<'a>(run: &'a TaskRun, task_id: &str) -> Option<&'a Value> {
+            match &run.phase {
+                TaskPhase::Running { task_id: id, .. } if id == task_id => Some(&run.input),
+                _ => None,
+            }
+        }
+        fn in_node<'a>(node: &'a Node, task_id: &str) -> Option<&'a Value> {
+            match node {
+                Node::Task(run) => in_run(run, task_id),
+                Node::Nested(b) => in_block(b, task_id),
+                Node::Parallel { slots, .. } => slots.iter().find_map(|s| match s {
+                    Slot::Running(b) => in_block(b, task_id),
+                    _ => None,
+                }),
+                Node::Map { running, .. } => running.values().find_map(|b| in_block(b, task_id)),
+                Node::Copy { slots, .. } => slots.iter().find_map(|s| match s {
+                    Slot::Running(r) => in_run(r, task_id),
+                    _ => None,
+                }),
+                Node::Sleep { .. } | Node::Wait { .. } | Node::Child { .. } => None,
+            }
+        }
+        fn in_block<'a>(b: &'a Block, task_id: &str) -> Option<&'a Value> {
+            b.current.as_deref().and_then(|n| in_node(n, task_id))
+        }
+        self.root
+            .as_ref()
+            .and_then(|b| in_block(b, task_id))
+            .or_else(|| self.undoing.as_ref().and_then(|u| in_run(&u.current, task_id)))
     }
 
     /// Steps of the running tree, for status displays: (path, what it is doing).

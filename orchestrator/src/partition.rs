@@ -16,6 +16,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use edow_engine::{Command, Instance, Millis, Status};
 use edow_schemas::contracts::{WorkflowState, WorkflowStatus};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Version of the `engine_state` JSON layout.
 pub const ENGINE_STATE_VERSION: i32 = 1;
@@ -65,8 +66,27 @@ impl Persisted {
             created_at: i.created_at,
             updated_at: i.updated_at,
             engine_state_version: ENGINE_STATE_VERSION,
-            engine_state: serde_json::to_string(self).unwrap_or_default(),
+            engine_state: self.engine_state(),
         }
+    }
+
+    /// The engine's part of the record, with each payload once: the workflow input is the record's typed
+    /// `input` field, and a dispatched task's input is in the running tree.
+    fn engine_state(&self) -> String {
+        let Ok(mut state) = serde_json::to_value(self) else {
+            return String::new();
+        };
+        if let Some(input) = state.pointer_mut("/instance/input") {
+            *input = Value::Null;
+        }
+        if let Some(Value::Array(commands)) = state.pointer_mut("/outbox/commands") {
+            for command in commands {
+                if let Some(input) = command.pointer_mut("/Dispatch/input") {
+                    *input = Value::Null;
+                }
+            }
+        }
+        state.to_string()
     }
 
     pub fn from_record(record: &WorkflowState) -> Result<Persisted, String> {
@@ -88,8 +108,23 @@ impl Persisted {
         }
         let mut deserializer = serde_json::Deserializer::from_str(&record.engine_state);
         deserializer.disable_recursion_limit();
-        Persisted::deserialize(&mut deserializer)
-            .map_err(|e| format!("engine_state is unreadable: {e}"))
+        let mut persisted = Persisted::deserialize(&mut deserializer)
+            .map_err(|e| format!("engine_state is unreadable: {e}"))?;
+        persisted.instance.input = serde_json::from_str(&record.input)
+            .map_err(|e| format!("the record's input is not JSON: {e}"))?;
+        let instance = &persisted.instance;
+        // A dispatch whose attempt no longer runs would be answered and ignored: it is dropped, not re-sent.
+        persisted.outbox.commands.retain_mut(|command| match command {
+            Command::Dispatch(dispatch) => match instance.running_task_input(&dispatch.task_id) {
+                Some(input) => {
+                    dispatch.input = input.clone();
+                    true
+                }
+                None => false,
+            },
+            _ => true,
+        });
+        Ok(persisted)
     }
 }
 
@@ -205,5 +240,89 @@ impl PartitionState {
             .values()
             .filter(|p| !p.instance.is_terminal())
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edow_engine::{Definition, Start};
+    use serde_json::json;
+
+    fn started(input: Value) -> Persisted {
+        let definition = Definition::parse(
+            "t.yaml",
+            "name: t\nsteps:\n  - { name: a, task: t.a }\n  - { name: b, task: t.b }\n",
+        )
+        .unwrap();
+        let start = Start {
+            workflow_id: "w-1".into(),
+            workflow_version: 1,
+            input,
+            correlation_id: None,
+            priority: 0,
+            parent: None,
+            depth: 0,
+        };
+        let (instance, commands) = edow_engine::Instance::start(&definition, start, 1);
+        Persisted {
+            instance,
+            outbox: Outbox {
+                commands,
+                events_from: 7,
+            },
+        }
+    }
+
+    #[test]
+    fn a_record_holds_each_payload_once_and_reads_back_whole() {
+        let marker = "x".repeat(10_000);
+        let persisted = started(json!({ "big": marker }));
+        let record = persisted.to_record();
+        let copies = record.engine_state.matches(&marker).count() + record.input.matches(&marker).count();
+        // The typed input, the root block's previous output (the input, before the first step) and the running
+        // task's input; it was six before the instance input, the unused step input and the outbox's copy went.
+        assert_eq!(copies, 3, "{}", record.engine_state.len());
+        assert_eq!(Persisted::from_record(&record).unwrap(), persisted);
+    }
+
+    #[test]
+    fn a_dispatch_whose_attempt_no_longer_runs_is_not_restored() {
+        let mut persisted = started(json!(1));
+        if let Some(Command::Dispatch(d)) = persisted
+            .outbox
+            .commands
+            .iter_mut()
+            .find(|c| matches!(c, Command::Dispatch(_)))
+        {
+            d.task_id = "w-1/a/9".into();
+        }
+        let restored = Persisted::from_record(&persisted.to_record()).unwrap();
+        assert!(!restored
+            .outbox
+            .commands
+            .iter()
+            .any(|c| matches!(c, Command::Dispatch(_))));
+    }
+
+    #[test]
+    fn hostile_engine_state_is_refused_not_panicked() {
+        let mut record = started(json!(1)).to_record();
+        for text in ["[".repeat(100_000), "{".repeat(300), "null".into(), "{\"instance\":5}".into()] {
+            record.engine_state = text;
+            assert!(Persisted::from_record(&record).is_err());
+        }
+    }
+
+    #[test]
+    fn ended_ids_expire_by_time_and_by_count() {
+        let mut ended = Ended::default();
+        for i in 0..10 {
+            ended.insert(format!("w{i}"), i);
+        }
+        assert_eq!(ended.take_expired(2, 100), ["w0", "w1", "w2"]);
+        assert_eq!(ended.take_expired(2, 5), ["w3", "w4"]);
+        assert!(ended.contains("w5") && !ended.contains("w4"));
+        assert_eq!(ended.len(), 5);
     }
 }

@@ -95,6 +95,9 @@ pub fn schema_id(bytes: &[u8]) -> Option<u32> {
     }
 }
 
+/// Largest single allocation (a string, bytes, an array) made while decoding one record.
+pub const MAX_DECODE_ALLOCATION: usize = 16 * 1024 * 1024;
+
 /// Encodes and decodes contracts against one schema registry. Cheap to share: caches schemas and ids.
 pub struct Codec {
     settings: SrSettings,
@@ -105,6 +108,9 @@ pub struct Codec {
 impl Codec {
     /// A codec for the registry at `url` (e.g. `http://127.0.0.1:8081`).
     pub fn new(url: &str) -> Result<Codec, CodecError> {
+        // A record is at most a broker message (about 1 MB); a length prefix beyond this is a corrupt or hostile
+        // record, refused before anything is allocated for it (apache-avro's own default is 512 MiB).
+        apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
         let settings = SrSettings::new_builder(url.trim_end_matches('/').to_string())
             .no_proxy()
             .set_timeout(Duration::from_secs(10))
