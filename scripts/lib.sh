@@ -41,3 +41,47 @@ stop_started() {
 }
 
 remember_pid() { STARTED_PIDS+=("$1"); }
+
+# wait_for_line FILE TEXT: waits up to 60 s for TEXT to appear in FILE.
+wait_for_line() {
+  for _ in $(seq 1 600); do
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for '$2' in $1" >&2
+  return 1
+}
+
+# start_local_stack BROKER_BIN EDOW_BIN_DIR WORK_DIR [STORAGE]: starts a nisshi broker (STORAGE defaults to
+# memory; "sqlite" keeps it in WORK_DIR) and edow's registry on free loopback ports, remembering their pids, and
+# exports EDOW_BOOTSTRAP_SERVERS, EDOW_SCHEMA_REGISTRY_URL and BROKER_PORT.
+start_local_stack() {
+  local broker=$1 bin=$2 work=$3 storage=${4:-memory}
+  local kafka_port registry_port engine extra=()
+  kafka_port=$(free_port)
+  case "$storage" in
+    memory) engine="memory://nisshi/" ;;
+    sqlite) engine="sqlite://broker.db?maintenance_interval=5s" ;;
+    *) echo "storage must be memory or sqlite, not '$storage'" >&2; return 2 ;;
+  esac
+  echo "==> starting the broker ($storage) on 127.0.0.1:$kafka_port"
+  case "$broker" in *nisshi-0.8*) extra=(--group-initial-rebalance-delay 100ms) ;; esac
+  (cd "$work" && exec "$broker" broker --listener-url "tcp://127.0.0.1:$kafka_port" \
+    --advertised-listener-url "tcp://127.0.0.1:$kafka_port" --storage-engine "$engine" "${extra[@]}" \
+    >"$work/broker.log" 2>&1) &
+  remember_pid $!
+  wait_for_port "$kafka_port" $! broker "$work/broker.log"
+
+  registry_port=$(free_port)
+  echo "==> starting the schema registry on 127.0.0.1:$registry_port"
+  "$bin"/edow-registry --listen "127.0.0.1:$registry_port" --bootstrap-servers "127.0.0.1:$kafka_port" \
+    >"$work/registry.log" 2>&1 &
+  remember_pid $!
+  wait_for_port "$registry_port" $! registry "$work/registry.log"
+  export EDOW_BOOTSTRAP_SERVERS="127.0.0.1:$kafka_port"
+  export EDOW_SCHEMA_REGISTRY_URL="http://127.0.0.1:$registry_port"
+  export BROKER_PORT=$kafka_port
+}
+
+# rss_kib PID: resident memory of PID in KiB.
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }

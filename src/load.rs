@@ -18,6 +18,8 @@ pub struct Load {
     pub input: String,
     pub prefix: String,
     pub timeout: Duration,
+    /// Only start the instances; do not follow them to their end.
+    pub no_wait: bool,
 }
 
 /// The value at quantile `q` of sorted `values`.
@@ -82,6 +84,9 @@ pub async fn run(kafka: &Kafka, codec: &Codec, topics: &Topics, load: Load) -> a
         load.name,
         began.elapsed()
     );
+    if load.no_wait {
+        return Ok(());
+    }
 
     let mut step_started: HashMap<(String, String, i32), i64> = HashMap::new();
     let mut step_latency: BTreeMap<String, Vec<i64>> = BTreeMap::new();

@@ -120,6 +120,9 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Only start them: produce the triggers and exit without following the instances.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Print an instance's lifecycle events as they happen, until it ends.
     Watch {
@@ -186,6 +189,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             input,
             id_prefix,
             timeout,
+            no_wait,
         } => {
             let prefix = id_prefix.unwrap_or_else(|| format!("{name}-{:x}", now_millis()));
             let settings = load::Load {
@@ -194,6 +198,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 input,
                 prefix,
                 timeout: Duration::from_secs(timeout),
+                no_wait,
             };
             load::run(&kafka, &codec, &topics, settings).await
         }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use common::{ended, Cluster};
 use edow_kafka::{now_millis, produce_all, Outgoing};
 use edow_schemas::contracts::{
-    DeadLetter, LifecycleKind, TaskResult, TaskStatus, WorkflowSignal, WorkflowTrigger,
+    DeadLetter, LifecycleKind, SignalKind, TaskResult, TaskStatus, WorkflowSignal, WorkflowState,
+    WorkflowTrigger,
 };
 use edow_schemas::Topics;
 use rdkafka::{Message, Offset};
@@ -42,7 +43,11 @@ fn record(topic: &str, key: &str, payload: Vec<u8>) -> Outgoing {
 }
 
 /// Dead letters of `topic` by record key, waiting until `keys` are all there.
-async fn dead_letters(cluster: &Cluster, topic: &str, keys: &[&str]) -> HashMap<String, DeadLetter> {
+async fn dead_letters(
+    cluster: &Cluster,
+    topic: &str,
+    keys: &[&str],
+) -> HashMap<String, DeadLetter> {
     let dlq = Topics::dead_letters(topic);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -56,7 +61,8 @@ async fn dead_letters(cluster: &Cluster, topic: &str, keys: &[&str]) -> HashMap<
                     .unwrap_or_default();
             for r in records {
                 let letter: DeadLetter = cluster.codec.decode(r.payload()).await.unwrap();
-                let key = String::from_utf8_lossy(letter.key.as_deref().unwrap_or_default()).into_owned();
+                let key =
+                    String::from_utf8_lossy(letter.key.as_deref().unwrap_or_default()).into_owned();
                 letters.insert(key, letter);
             }
         }
@@ -72,6 +78,38 @@ async fn dead_letters(cluster: &Cluster, topic: &str, keys: &[&str]) -> HashMap<
     }
 }
 
+/// Waits until the changelog holds a record under each of `keys`.
+async fn wait_for_changelog_keys(cluster: &Cluster, keys: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut found = Vec::new();
+        for p in 0..common::PARTITIONS {
+            let (kafka, topic) = (cluster.kafka.clone(), cluster.topics.state());
+            let records = tokio::task::spawn_blocking(move || {
+                kafka.read_to_end(&topic, p, Offset::Beginning)
+            })
+            .await
+            .unwrap()
+            .unwrap_or_default();
+            for r in records {
+                let key = String::from_utf8_lossy(r.key().unwrap_or_default()).into_owned();
+                if keys.contains(&key.as_str()) && r.payload().is_some() {
+                    let _: WorkflowState = cluster.codec.decode(r.payload()).await.unwrap();
+                    found.push(key);
+                }
+            }
+        }
+        if keys.iter().all(|k| found.iter().any(|f| f == k)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changelog has no record of {keys:?}; found {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     let cluster = Cluster::start();
@@ -79,7 +117,12 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     cluster.wait_for_topics();
     let mut worker = cluster.worker(
         "w1",
-        &["fine.a=echo", "fine.b=echo", "fine.c=echo", "hoard.echo=echo"],
+        &[
+            "fine.a=echo",
+            "fine.b=echo",
+            "fine.c=echo",
+            "hoard.echo=echo",
+        ],
         16,
     );
     let pids = (orchestrator.process().pid(), worker.process().pid());
@@ -91,6 +134,7 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
         "name: bigmap\nsteps:\n  - name: all\n    map: { items: input.items, concurrency: 1000, steps: [{ name: one, task: fine.a }] }\n",
     );
     cluster.deploy("name: manual\nsteps:\n  - { name: op, task: manual.op }\n");
+    cluster.deploy("name: waiter\nsteps:\n  - { name: w, wait: { signal: go } }\n");
     cluster.deploy(
         "name: hoard\nsteps:\n  - { name: a, task: hoard.echo }\n  - { name: b, task: hoard.echo }\n  - { name: c, task: hoard.echo }\n  - { name: d, task: hoard.echo }\n",
     );
@@ -114,8 +158,11 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     let race: Vec<_> = (0..2)
         .map(|i| {
             let file = std::env::temp_dir().join(format!("race-{i}-{}.yaml", now_millis()));
-            std::fs::write(&file, format!("name: race\nsteps:\n  - {{ name: op{i}, task: fine.a }}\n"))
-                .unwrap();
+            std::fs::write(
+                &file,
+                format!("name: race\nsteps:\n  - {{ name: op{i}, task: fine.a }}\n"),
+            )
+            .unwrap();
             let args = ["deploy".to_string(), file.to_str().unwrap().to_string()];
             let env: Vec<_> = [
                 ("EDOW_BOOTSTRAP_SERVERS", cluster.broker.bootstrap_servers()),
@@ -136,7 +183,11 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     for child in race {
         let output = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let version = stdout
             .split("version ")
             .nth(1)
@@ -147,6 +198,50 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     }
     versions.sort();
     assert_eq!(versions, [1, 2], "racing deploys take distinct versions");
+
+    // Signals that arrive before their workflow's trigger are kept for it: a named one, and a cancel.
+    let signals = cluster.topics.signals();
+    let early = |id: &str, kind, name: Option<&str>, payload: &str| WorkflowSignal {
+        signal_id: format!("{id}-early"),
+        workflow_id: id.into(),
+        kind,
+        name: name.map(str::to_string),
+        payload: payload.into(),
+        correlation_id: None,
+        sent_at: now_millis(),
+    };
+    let early_signals = [
+        early(
+            "early-1",
+            SignalKind::Signal,
+            Some("go"),
+            r#"{"by":"early"}"#,
+        ),
+        early("early-2", SignalKind::Cancel, None, r#""changed my mind""#),
+    ];
+    let mut records = Vec::new();
+    for signal in &early_signals {
+        let payload = cluster.codec.encode(&signals, signal).await.unwrap();
+        records.push(record(&signals, &signal.workflow_id, payload));
+    }
+    produce_all(&cluster.kafka.producer().unwrap(), &records)
+        .await
+        .unwrap();
+    wait_for_changelog_keys(&cluster, &["early-1", "early-2"]).await;
+    let early_triggers = [("early-1", "waiter"), ("early-2", "fine")];
+    let mut records = Vec::new();
+    for (id, name) in early_triggers {
+        let triggers = cluster.topics.triggers();
+        let payload = cluster
+            .codec
+            .encode(&triggers, &trigger(id, name, "{}".into()))
+            .await
+            .unwrap();
+        records.push(record(&triggers, id, payload));
+    }
+    produce_all(&cluster.kafka.producer().unwrap(), &records)
+        .await
+        .unwrap();
 
     // The good workflows.
     let good: Vec<(String, String)> = (0..GOOD)
@@ -162,28 +257,80 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     let items: Vec<usize> = (0..20_000).collect();
     let hoard_input = format!(r#"{{"blob":"{}"}}"#, "h".repeat(200 * 1024));
     let bad_triggers = vec![
-        record(&triggers, "big-input", codec.encode(&triggers, &trigger("big-input", "fine", big)).await.unwrap()),
-        record(&triggers, "deep-input", codec.encode(&triggers, &trigger("deep-input", "fine", deep)).await.unwrap()),
-        record(&triggers, "garbage-trigger", b"\x00\xff\xfe garbage".to_vec()),
-        record(&triggers, "unknown-wf", codec.encode(&triggers, &trigger("unknown-wf", "nope", "{}".into())).await.unwrap()),
-        record(&triggers, "__edow.forged", codec.encode(&triggers, &trigger("__edow.forged", "fine", "{}".into())).await.unwrap()),
+        record(
+            &triggers,
+            "big-input",
+            codec
+                .encode(&triggers, &trigger("big-input", "fine", big))
+                .await
+                .unwrap(),
+        ),
+        record(
+            &triggers,
+            "deep-input",
+            codec
+                .encode(&triggers, &trigger("deep-input", "fine", deep))
+                .await
+                .unwrap(),
+        ),
+        record(
+            &triggers,
+            "garbage-trigger",
+            b"\x00\xff\xfe garbage".to_vec(),
+        ),
+        record(
+            &triggers,
+            "unknown-wf",
+            codec
+                .encode(&triggers, &trigger("unknown-wf", "nope", "{}".into()))
+                .await
+                .unwrap(),
+        ),
+        record(
+            &triggers,
+            "__edow.forged",
+            codec
+                .encode(&triggers, &trigger("__edow.forged", "fine", "{}".into()))
+                .await
+                .unwrap(),
+        ),
         record(
             &triggers,
             "map-20k",
             codec
-                .encode(&triggers, &trigger("map-20k", "bigmap", serde_json::json!({ "items": items }).to_string()))
+                .encode(
+                    &triggers,
+                    &trigger(
+                        "map-20k",
+                        "bigmap",
+                        serde_json::json!({ "items": items }).to_string(),
+                    ),
+                )
                 .await
                 .unwrap(),
         ),
-        record(&triggers, "manual-1", codec.encode(&triggers, &trigger("manual-1", "manual", "{}".into())).await.unwrap()),
-        record(&triggers, "hoard-1", codec.encode(&triggers, &trigger("hoard-1", "hoard", hoard_input)).await.unwrap()),
+        record(
+            &triggers,
+            "manual-1",
+            codec
+                .encode(&triggers, &trigger("manual-1", "manual", "{}".into()))
+                .await
+                .unwrap(),
+        ),
+        record(
+            &triggers,
+            "hoard-1",
+            codec
+                .encode(&triggers, &trigger("hoard-1", "hoard", hoard_input))
+                .await
+                .unwrap(),
+        ),
     ];
     let producer = cluster.kafka.producer().unwrap();
     produce_all(&producer, &bad_triggers).await.unwrap();
 
     // Garbage on results and signals, and an oversized signal payload.
     let results = cluster.topics.results();
-    let signals = cluster.topics.signals();
     let huge_signal = WorkflowSignal {
         signal_id: "huge-signal".into(),
         workflow_id: "good-1".into(),
@@ -198,7 +345,11 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
         &[
             record(&results, "garbage-result", vec![0, 0, 0, 0]),
             record(&signals, "garbage-signal", b"not avro at all".to_vec()),
-            record(&signals, "good-1", codec.encode(&signals, &huge_signal).await.unwrap()),
+            record(
+                &signals,
+                "good-1",
+                codec.encode(&signals, &huge_signal).await.unwrap(),
+            ),
         ],
     )
     .await
@@ -208,7 +359,8 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     let mut events = cluster.events();
     events
         .until(Duration::from_secs(60), |seen| {
-            seen.iter().any(|e| e.workflow_id == "manual-1" && e.kind == LifecycleKind::StepStarted)
+            seen.iter()
+                .any(|e| e.workflow_id == "manual-1" && e.kind == LifecycleKind::StepStarted)
         })
         .await;
     let oversized = TaskResult {
@@ -223,32 +375,85 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
         started_at: now_millis(),
         finished_at: now_millis(),
     };
-    produce_all(&producer, &[record(&results, "manual-1", codec.encode(&results, &oversized).await.unwrap())])
-        .await
-        .unwrap();
+    produce_all(
+        &producer,
+        &[record(
+            &results,
+            "manual-1",
+            codec.encode(&results, &oversized).await.unwrap(),
+        )],
+    )
+    .await
+    .unwrap();
 
-    // Everything ends: the 100 good ones, and the three bad ones that started (map, manual, hoard).
+    // Everything ends: the 100 good ones, the three bad ones that started (map, manual, hoard), the early two.
     events
-        .until(Duration::from_secs(120), |seen| ended(seen) >= GOOD + 3)
+        .until(Duration::from_secs(120), |seen| ended(seen) >= GOOD + 5)
         .await;
+    let of = |id: &str| -> Vec<LifecycleKind> {
+        events
+            .seen
+            .iter()
+            .filter(|e| e.workflow_id == id)
+            .map(|e| e.kind)
+            .collect()
+    };
+    assert_eq!(
+        of("early-1"),
+        [
+            LifecycleKind::WorkflowStarted,
+            LifecycleKind::StepStarted,
+            LifecycleKind::StepCompleted,
+            LifecycleKind::WorkflowCompleted
+        ]
+    );
+    let early_output = events.per_workflow(LifecycleKind::WorkflowCompleted)["early-1"][0]
+        .detail
+        .clone();
+    assert_eq!(early_output.as_deref(), Some(r#"{"by":"early"}"#));
+    assert_eq!(
+        of("early-2"),
+        [
+            LifecycleKind::WorkflowStarted,
+            LifecycleKind::WorkflowCancelled
+        ],
+        "cancelled before anything ran"
+    );
     let completed = events.per_workflow(LifecycleKind::WorkflowCompleted);
     for (id, _) in &good {
-        assert_eq!(completed.get(id).map(Vec::len), Some(1), "{id} completes once");
+        assert_eq!(
+            completed.get(id).map(Vec::len),
+            Some(1),
+            "{id} completes once"
+        );
     }
     let failed = events.per_workflow(LifecycleKind::WorkflowFailed);
     let failure = |id: &str| -> String {
-        let events = failed.get(id).unwrap_or_else(|| panic!("{id} did not fail: {:?}", events.count_by_kind()));
+        let events = failed
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} did not fail: {:?}", events.count_by_kind()));
         assert_eq!(events.len(), 1);
         events[0].detail.clone().unwrap_or_default()
     };
     let map = failure("map-20k");
-    assert!(map.contains("20000 elements") && map.contains("max_map_items"), "{map}");
-    let manual = failure("manual-1");
-    assert!(manual.contains("output_too_large") && manual.contains("max_payload_bytes"), "{manual}");
-    let hoard = failure("hoard-1");
-    assert!(hoard.contains("state_too_large") && hoard.contains("max_record_bytes"), "{hoard}");
     assert!(
-        !events.seen.iter().any(|e| e.workflow_id == "map-20k" && e.kind == LifecycleKind::StepStarted && e.step.as_deref() != Some("all")),
+        map.contains("20000 elements") && map.contains("max_map_items"),
+        "{map}"
+    );
+    let manual = failure("manual-1");
+    assert!(
+        manual.contains("output_too_large") && manual.contains("max_payload_bytes"),
+        "{manual}"
+    );
+    let hoard = failure("hoard-1");
+    assert!(
+        hoard.contains("state_too_large") && hoard.contains("max_record_bytes"),
+        "{hoard}"
+    );
+    assert!(
+        !events.seen.iter().any(|e| e.workflow_id == "map-20k"
+            && e.kind == LifecycleKind::StepStarted
+            && e.step.as_deref() != Some("all")),
         "no map iteration was dispatched"
     );
 
@@ -256,7 +461,13 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     let letters = dead_letters(
         &cluster,
         &triggers,
-        &["big-input", "deep-input", "garbage-trigger", "unknown-wf", "__edow.forged"],
+        &[
+            "big-input",
+            "deep-input",
+            "garbage-trigger",
+            "unknown-wf",
+            "__edow.forged",
+        ],
     )
     .await;
     let reason = |key: &str| (letters[key].error_kind.clone(), letters[key].error.clone());
@@ -276,8 +487,16 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     assert_eq!(letters["good-1"].error_kind, "too_large");
 
     // Nothing died, nothing restarted.
-    assert!(orchestrator.process().is_running(), "{}", orchestrator.log());
+    assert!(
+        orchestrator.process().is_running(),
+        "{}",
+        orchestrator.log()
+    );
     assert!(worker.process().is_running(), "{}", worker.log());
     assert_eq!((orchestrator.process().pid(), worker.process().pid()), pids);
-    assert!(!orchestrator.log().contains("panicked"), "{}", orchestrator.log());
+    assert!(
+        !orchestrator.log().contains("panicked"),
+        "{}",
+        orchestrator.log()
+    );
 }

@@ -23,7 +23,8 @@ const SLOW_TASKS: [&str; 3] = [
     "slow.c=sleep:100ms",
 ];
 
-/// Sums the `restored=` and `running=` figures of an orchestrator's restore log lines.
+/// Sums the workflows restored (`running=` plus `ended=`) and the `running=` figures of an orchestrator's
+/// restore log lines.
 fn restored_figures(log: &str) -> (usize, usize) {
     let figure = |line: &str, key: &str| -> usize {
         line.split_whitespace()
@@ -34,7 +35,8 @@ fn restored_figures(log: &str) -> (usize, usize) {
     log.lines()
         .filter(|l| l.contains("restored partition from the changelog"))
         .fold((0, 0), |(r, n), l| {
-            (r + figure(l, "restored="), n + figure(l, "running="))
+            let running = figure(l, "running=");
+            (r + running + figure(l, "ended="), n + running)
         })
 }
 

@@ -2059,7 +2059,11 @@ impl Instance {
         self.root
             .as_ref()
             .and_then(|b| in_block(b, task_id))
-            .or_else(|| self.undoing.as_ref().and_then(|u| in_run(&u.current, task_id)))
+            .or_else(|| {
+                self.undoing
+                    .as_ref()
+                    .and_then(|u| in_run(&u.current, task_id))
+            })
     }
 
     /// Steps of the running tree, for status displays: (path, what it is doing).

@@ -19,7 +19,7 @@ use edow_schemas::contracts::{
 use serde_json::Value;
 
 use crate::decode::Input;
-use crate::partition::{Outbox, Persisted};
+use crate::partition::{Early, EarlySignal, Outbox, Persisted};
 use crate::{
     BatchOutput, Orchestrator, DEPTH_ATTRIBUTE, MAX_WORKFLOW_ID_BYTES, PARENT_ATTRIBUTE,
     RESERVED_ID_PREFIX,
@@ -33,6 +33,7 @@ impl Orchestrator {
     pub(crate) fn apply(
         &mut self,
         partition: i32,
+        offset: i64,
         input: Input,
         now: i64,
         out: &mut BatchOutput,
@@ -40,7 +41,7 @@ impl Orchestrator {
         match input {
             Input::Trigger(trigger) => self.start(partition, trigger, now, out),
             Input::Result(result) => self.apply_result(partition, result, now, out),
-            Input::Signal(signal) => self.apply_signal(partition, signal, now, out),
+            Input::Signal(signal) => self.apply_signal(partition, offset, signal, now, out),
         }
     }
 
@@ -51,7 +52,7 @@ impl Orchestrator {
         now: i64,
         out: &mut BatchOutput,
     ) -> Result<(), Reason> {
-        let id = &trigger.workflow_id;
+        let id = &trigger.workflow_id.clone();
         if id.is_empty() || id.len() > MAX_WORKFLOW_ID_BYTES || id.starts_with(RESERVED_ID_PREFIX) {
             return Err(Reason::new(
                 "invalid",
@@ -112,7 +113,15 @@ impl Orchestrator {
             Instance::start(&definition, start, now)
         }));
         match started {
-            Ok((instance, commands)) => {
+            Ok((mut instance, mut commands)) => {
+                let early = self
+                    .partitions
+                    .get_mut(&partition)
+                    .and_then(|s| s.early.remove(id.as_str()));
+                if let Some(early) = early {
+                    out.early.insert((partition, id.clone()));
+                    self.apply_early(&definition, &mut instance, &mut commands, early, now);
+                }
                 self.record_change(partition, instance, commands, out);
                 Ok(())
             }
@@ -226,6 +235,7 @@ impl Orchestrator {
     fn apply_signal(
         &mut self,
         partition: i32,
+        offset: i64,
         signal: WorkflowSignal,
         now: i64,
         out: &mut BatchOutput,
@@ -235,44 +245,135 @@ impl Orchestrator {
             .limits
             .check_json(&format!("the payload of {what}"), &signal.payload)
             .map_err(|r| Reason::new(r.reason, r.message))?;
+        let named = parse_signal(&signal)?;
+        if self.keep_early(partition, offset, &signal, now, out)? {
+            return Ok(());
+        }
         let Some((mut instance, definition)) =
             self.instance_of(partition, &signal.workflow_id, &what)?
         else {
             return Ok(());
         };
         let before = instance.sequence;
-        let applied = match signal.kind {
-            SignalKind::Cancel => {
-                let reason = signal.payload_text();
-                engine_call(|| instance.on_cancel(&definition, &signal.signal_id, &reason, now))
-            }
-            SignalKind::Signal => {
-                let name = signal.name.clone().ok_or_else(|| {
-                    Reason::new(
-                        "invalid",
-                        format!("{what} has no name; set the name a wait step listens for"),
-                    )
-                })?;
-                let payload: Value = serde_json::from_str(&signal.payload).map_err(|e| {
-                    Reason::new(
-                        "invalid",
-                        format!("{what} has a payload that is not JSON: {e}"),
-                    )
-                })?;
-                engine_call(|| {
-                    instance.on_signal(&definition, &signal.signal_id, &name, payload, now)
-                })
-            }
-            SignalKind::Unknown => {
-                return Err(Reason::new(
-                    "unsupported",
-                    format!(
-                        "{what} has a kind this orchestrator does not know; upgrade it, then replay"
-                    ),
-                ))
-            }
-        };
+        let applied = engine_call(|| deliver(&mut instance, &definition, &signal, named, now));
         self.settle(partition, instance, before, applied, now, out)
+    }
+
+    /// Keeps a signal for a workflow this partition has not seen yet, for when its trigger arrives. `Ok(false)`
+    /// when the workflow is known (running or ended); an error when the partition's bounds are reached.
+    fn keep_early(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        signal: &WorkflowSignal,
+        now: i64,
+        out: &mut BatchOutput,
+    ) -> Result<bool, Reason> {
+        let (max_ids, max_bytes) = (
+            self.config.max_early_per_partition,
+            self.config.max_record_bytes / 2,
+        );
+        let Some(state) = self.partitions.get_mut(&partition) else {
+            return Ok(false);
+        };
+        let id = &signal.workflow_id;
+        if state.knows(id) {
+            return Ok(false);
+        }
+        if !state.early.contains_key(id) && state.early.len() >= max_ids {
+            return Err(Reason::new(
+                "unknown_instance",
+                format!(
+                    "workflow {id} has not started, and {max_ids} workflows of this partition already have \
+                     signals waiting for their start (max_early_per_partition); start it, then replay this signal"
+                ),
+            ));
+        }
+        let early = state.early.entry(id.clone()).or_insert_with(|| Early {
+            first_at: now,
+            signals: Vec::new(),
+        });
+        if early
+            .signals
+            .iter()
+            .any(|s| s.signal.signal_id == signal.signal_id)
+        {
+            return Ok(true);
+        }
+        if early.signals.len() >= MAX_EARLY_SIGNALS
+            || early.payload_bytes() + signal.payload.len() > max_bytes
+        {
+            return Err(Reason::new(
+                "unknown_instance",
+                format!(
+                    "workflow {id} has not started and already has {} signals waiting for its start, the most \
+                     one workflow may hold; start it, then replay this signal",
+                    early.signals.len()
+                ),
+            ));
+        }
+        early.signals.push(EarlySignal {
+            partition,
+            offset,
+            signal: signal.clone(),
+        });
+        out.early.insert((partition, id.clone()));
+        tracing::debug!(workflow_id = %id, "signal kept until the workflow starts");
+        Ok(true)
+    }
+
+    /// Delivers the signals that arrived before the start to the instance just started. A cancel among them
+    /// ends it as cancelled before anything it started leaves: only its start and end are emitted.
+    fn apply_early(
+        &self,
+        definition: &Definition,
+        instance: &mut Instance,
+        commands: &mut Vec<Command>,
+        early: Early,
+        now: i64,
+    ) {
+        let mut cancelled = false;
+        for kept in early.signals {
+            let Ok(named) = parse_signal(&kept.signal) else {
+                continue;
+            };
+            cancelled |= kept.signal.kind == SignalKind::Cancel && !instance.is_terminal();
+            match engine_call(|| deliver(instance, definition, &kept.signal, named, now)) {
+                Ok(more) => commands.extend(more),
+                Err(e) => {
+                    tracing::error!(workflow_id = %instance.workflow_id, "an early signal: {e}")
+                }
+            }
+        }
+        if cancelled && instance.status == edow_engine::Status::Cancelled {
+            commands.retain(|c| match c {
+                Command::Emit(e) => {
+                    e.kind == edow_engine::EventKind::WorkflowStarted
+                        || e.kind == edow_engine::EventKind::WorkflowCancelled
+                }
+                Command::ReportToParent { .. } => true,
+                _ => false,
+            });
+        }
+    }
+
+    /// Early signals that waited past their time: a tombstone for the record, a dead letter for each signal.
+    pub(crate) fn expire_early(&mut self, now: i64, out: &mut BatchOutput) {
+        let ttl = i64::try_from(self.config.early_signal_ttl.as_millis()).unwrap_or(i64::MAX);
+        for (partition, state) in &mut self.partitions {
+            let expired: Vec<String> = state
+                .early
+                .iter()
+                .filter(|(_, e)| e.first_at.saturating_add(ttl) <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in expired {
+                if let Some(early) = state.early.remove(&id) {
+                    out.expired.extend(early.signals);
+                    out.purged.push((*partition, id));
+                }
+            }
+        }
     }
 
     /// Keeps what the engine made of an input; when the engine refused or panicked, fails the workflow (from its
@@ -410,6 +511,52 @@ impl Orchestrator {
         outbox.events_from = state.events_end;
         state.put(Persisted { instance, outbox });
         out.changed.insert((partition, id));
+    }
+}
+
+/// Most signals kept for one workflow that has not started.
+const MAX_EARLY_SIGNALS: usize = 100;
+
+/// A named signal's name and JSON payload; `None` for a cancel. Errors name what is wrong with the record.
+fn parse_signal(signal: &WorkflowSignal) -> Result<Option<(String, Value)>, Reason> {
+    let what = format!("signal {}", signal.signal_id);
+    match signal.kind {
+        SignalKind::Cancel => Ok(None),
+        SignalKind::Signal => {
+            let name = signal.name.clone().ok_or_else(|| {
+                Reason::new(
+                    "invalid",
+                    format!("{what} has no name; set the name a wait step listens for"),
+                )
+            })?;
+            let payload: Value = serde_json::from_str(&signal.payload).map_err(|e| {
+                Reason::new(
+                    "invalid",
+                    format!("{what} has a payload that is not JSON: {e}"),
+                )
+            })?;
+            Ok(Some((name, payload)))
+        }
+        SignalKind::Unknown => Err(Reason::new(
+            "unsupported",
+            format!("{what} has a kind this orchestrator does not know; upgrade it, then replay"),
+        )),
+    }
+}
+
+/// Hands a parsed signal (or a cancel) to the engine.
+fn deliver(
+    instance: &mut Instance,
+    definition: &Definition,
+    signal: &WorkflowSignal,
+    named: Option<(String, Value)>,
+    now: i64,
+) -> Result<Vec<Command>, EngineError> {
+    match named {
+        None => instance.on_cancel(definition, &signal.signal_id, &signal.payload_text(), now),
+        Some((name, payload)) => {
+            instance.on_signal(definition, &signal.signal_id, &name, payload, now)
+        }
     }
 }
 

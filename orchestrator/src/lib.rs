@@ -79,6 +79,10 @@ pub struct Config {
     pub max_record_bytes: usize,
     /// How long a batch waits for an unreachable registry before it is rewound and tried again later.
     pub registry_stall_bound: Duration,
+    /// How long a signal for a workflow not started yet waits for its trigger before it is dead-lettered.
+    pub early_signal_ttl: Duration,
+    /// Most workflows per partition with signals waiting for their trigger.
+    pub max_early_per_partition: usize,
 }
 
 impl Config {
@@ -99,6 +103,8 @@ impl Config {
             max_ended_per_partition: 100_000,
             max_record_bytes: 900 * 1024,
             registry_stall_bound: Duration::from_secs(20),
+            early_signal_ttl: Duration::from_secs(3600),
+            max_early_per_partition: 10_000,
         }
     }
 }
@@ -108,8 +114,12 @@ impl Config {
 struct BatchOutput {
     /// Workflows changed in this batch, by partition.
     changed: BTreeSet<(i32, String)>,
-    /// Ended workflows whose retention is over: a tombstone each.
+    /// Ended workflows whose retention is over, and early signals that waited too long: a tombstone each.
     purged: Vec<(i32, String)>,
+    /// Workflows whose early signals changed.
+    early: BTreeSet<(i32, String)>,
+    /// Early signals that waited too long, to dead-letter.
+    expired: Vec<partition::EarlySignal>,
     dead_letters: Vec<edow_schemas::contracts::DeadLetter>,
 }
 
@@ -253,8 +263,9 @@ impl Orchestrator {
         let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
         for (msg, decoded) in inputs {
             offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
+            let (partition, offset) = (msg.partition(), msg.offset());
             let applied =
-                decoded.and_then(|input| self.apply(msg.partition(), input, now, &mut out));
+                decoded.and_then(|input| self.apply(partition, offset, input, now, &mut out));
             if let Err(reason) = applied {
                 out.dead_letters
                     .push(dead_letters::dead_letter(msg, &reason, SERVICE));
@@ -262,15 +273,21 @@ impl Orchestrator {
         }
         self.fire_timers(now, &mut out);
         self.purge_ended(now, &mut out);
+        self.expire_early(now, &mut out);
         self.drop_lost_partitions(consumer, &mut out, &mut offsets);
         if out.changed.is_empty()
             && out.purged.is_empty()
+            && out.early.is_empty()
             && out.dead_letters.is_empty()
             && offsets.is_empty()
         {
             return Ok(());
         }
+        for expired in std::mem::take(&mut out.expired) {
+            out.dead_letters.push(self.expired_letter(expired).await?);
+        }
         self.produce_outputs(&out.changed, &out.purged, now).await?;
+        self.produce_early(&out.early, now).await?;
         for letter in &out.dead_letters {
             dead_letters::publish(&self.producer, &self.codec, letter).await?;
         }
@@ -328,6 +345,8 @@ impl Orchestrator {
         for partition in lost {
             out.changed.retain(|(p, _)| *p != partition);
             out.purged.retain(|(p, _)| *p != partition);
+            out.early.retain(|(p, _)| *p != partition);
+            out.expired.retain(|e| e.partition != partition);
             offsets.retain(|(_, p), _| *p != partition);
             self.forget(partition, "no longer assigned");
         }

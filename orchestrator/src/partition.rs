@@ -14,9 +14,114 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use edow_engine::{Command, Instance, Millis, Status};
-use edow_schemas::contracts::{WorkflowState, WorkflowStatus};
+use edow_schemas::contracts::{WorkflowSignal, WorkflowState, WorkflowStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// Key of the partition's marker record in the changelog (see [`Marker`]).
+pub const MARKER_KEY: &str = "__edow.partition";
+/// Header carrying the owner epoch on every changelog record.
+pub const EPOCH_HEADER: &str = "edow.epoch";
+
+/// The partition's marker, kept in the changelog under [`MARKER_KEY`]. An owner writes one when it restores the
+/// partition, with an epoch above every epoch in the log, and after each batch whose outputs are all
+/// acknowledged. At restore it bounds the work: outboxes of records below `outboxes_done_below` were produced and
+/// need no check, and a record carrying an older epoch than a marker before it was written by an instance that
+/// had already lost the partition (a zombie).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    pub epoch: u64,
+    pub outboxes_done_below: i64,
+}
+
+impl Marker {
+    pub fn to_record(&self, now: Millis) -> WorkflowState {
+        WorkflowState {
+            workflow_id: MARKER_KEY.into(),
+            workflow_name: MARKER_KEY.into(),
+            workflow_version: 0,
+            status: WorkflowStatus::Running,
+            input: "null".into(),
+            output: None,
+            error: None,
+            correlation_id: None,
+            sequence: i64::try_from(self.epoch).unwrap_or(i64::MAX),
+            created_at: now,
+            updated_at: now,
+            engine_state_version: ENGINE_STATE_VERSION,
+            engine_state: serde_json::json!({ "marker": self }).to_string(),
+        }
+    }
+
+    pub fn from_record(record: &WorkflowState) -> Result<Marker, String> {
+        #[derive(Deserialize)]
+        struct Wrapper {
+            marker: Marker,
+        }
+        serde_json::from_str::<Wrapper>(&record.engine_state)
+            .map(|w| w.marker)
+            .map_err(|e| format!("the partition marker is unreadable: {e}"))
+    }
+}
+
+/// `workflow_name` of a changelog record that holds early signals instead of a workflow (see [`Early`]).
+pub const EARLY_NAME: &str = "__edow.early";
+
+/// Signals and cancels that arrived before their workflow's trigger (a cancel racing a start, a parent
+/// cancelling a child whose trigger is still queued). Kept in the changelog under the workflow's id until it
+/// starts, then applied in arrival order; dead-lettered when it has not started within the configured time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Early {
+    pub first_at: Millis,
+    pub signals: Vec<EarlySignal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlySignal {
+    pub partition: i32,
+    pub offset: i64,
+    pub signal: WorkflowSignal,
+}
+
+impl Early {
+    /// Bytes of payload held, for the bound per workflow.
+    pub fn payload_bytes(&self) -> usize {
+        self.signals.iter().map(|s| s.signal.payload.len()).sum()
+    }
+
+    pub fn to_record(&self, workflow_id: &str, now: Millis) -> WorkflowState {
+        WorkflowState {
+            workflow_id: workflow_id.into(),
+            workflow_name: EARLY_NAME.into(),
+            workflow_version: 0,
+            status: WorkflowStatus::Running,
+            input: "null".into(),
+            output: None,
+            error: None,
+            correlation_id: None,
+            sequence: 0,
+            created_at: self.first_at,
+            updated_at: now,
+            engine_state_version: ENGINE_STATE_VERSION,
+            engine_state: serde_json::json!({ "early": self }).to_string(),
+        }
+    }
+
+    pub fn from_record(record: &WorkflowState) -> Result<Early, String> {
+        #[derive(Deserialize)]
+        struct Wrapper {
+            early: Early,
+        }
+        serde_json::from_str::<Wrapper>(&record.engine_state)
+            .map(|w| w.early)
+            .map_err(|e| {
+                format!(
+                    "the early signals of {} are unreadable: {e}",
+                    record.workflow_id
+                )
+            })
+    }
+}
 
 /// Version of the `engine_state` JSON layout.
 pub const ENGINE_STATE_VERSION: i32 = 1;
@@ -114,16 +219,20 @@ impl Persisted {
             .map_err(|e| format!("the record's input is not JSON: {e}"))?;
         let instance = &persisted.instance;
         // A dispatch whose attempt no longer runs would be answered and ignored: it is dropped, not re-sent.
-        persisted.outbox.commands.retain_mut(|command| match command {
-            Command::Dispatch(dispatch) => match instance.running_task_input(&dispatch.task_id) {
-                Some(input) => {
-                    dispatch.input = input.clone();
-                    true
-                }
-                None => false,
-            },
-            _ => true,
-        });
+        persisted
+            .outbox
+            .commands
+            .retain_mut(|command| match command {
+                Command::Dispatch(dispatch) => match instance.running_task_input(&dispatch.task_id)
+                {
+                    Some(input) => {
+                        dispatch.input = input.clone();
+                        true
+                    }
+                    None => false,
+                },
+                _ => true,
+            });
         Ok(persisted)
     }
 }
@@ -180,6 +289,10 @@ pub struct PartitionState {
     /// Workflows that have not ended, and ended ones whose last change is still being produced.
     pub instances: HashMap<String, Persisted>,
     pub ended: Ended,
+    /// Signals for workflows not started yet, by workflow id.
+    pub early: HashMap<String, Early>,
+    /// This owner's epoch, written on every changelog record it produces.
+    pub epoch: u64,
     /// (due time, workflow id) of every pending retry.
     pub timers: BTreeSet<(Millis, String)>,
     /// Offset the next lifecycle event written to this partition gets.
@@ -279,7 +392,8 @@ mod tests {
         let marker = "x".repeat(10_000);
         let persisted = started(json!({ "big": marker }));
         let record = persisted.to_record();
-        let copies = record.engine_state.matches(&marker).count() + record.input.matches(&marker).count();
+        let copies =
+            record.engine_state.matches(&marker).count() + record.input.matches(&marker).count();
         // The typed input, the root block's previous output (the input, before the first step) and the running
         // task's input; it was six before the instance input, the unused step input and the outbox's copy went.
         assert_eq!(copies, 3, "{}", record.engine_state.len());
@@ -308,7 +422,12 @@ mod tests {
     #[test]
     fn hostile_engine_state_is_refused_not_panicked() {
         let mut record = started(json!(1)).to_record();
-        for text in ["[".repeat(100_000), "{".repeat(300), "null".into(), "{\"instance\":5}".into()] {
+        for text in [
+            "[".repeat(100_000),
+            "{".repeat(300),
+            "null".into(),
+            "{\"instance\":5}".into(),
+        ] {
             record.engine_state = text;
             assert!(Persisted::from_record(&record).is_err());
         }

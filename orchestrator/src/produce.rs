@@ -7,7 +7,7 @@
 //! over it is failed (`state_too_large`) and its records built again, so an oversized state can never make the
 //! broker refuse a write and stop the loop.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use anyhow::Context;
 use edow_engine::{Command, Dispatch, Event, EventKind, Instance, Outcome};
@@ -19,6 +19,7 @@ use edow_schemas::contracts::{
 use edow_schemas::Topics;
 use serde_json::Value;
 
+use crate::partition::{EarlySignal, Marker, EPOCH_HEADER, MARKER_KEY};
 use crate::{Orchestrator, DEPTH_ATTRIBUTE, PARENT_ATTRIBUTE};
 
 /// The records of one changed workflow.
@@ -97,10 +98,10 @@ impl Orchestrator {
                 partition: Some(*partition),
                 key: id.as_bytes().to_vec(),
                 payload: None,
-                headers: Vec::new(),
+                headers: vec![(EPOCH_HEADER, self.epoch_of(*partition))],
             });
         }
-        produce_all(&self.producer, &changelog)
+        let written = produce_all(&self.producer, &changelog)
             .await
             .context("writing the changelog")?;
         produce_all(&self.producer, &tasks)
@@ -114,7 +115,106 @@ impl Orchestrator {
                 state.events_end = state.events_end.max(offset + 1);
             }
         }
+        // Every outbox written so far is produced: record that, so a restore checks only what comes after. Not
+        // awaited: a lost marker only makes the next restore check more.
+        let mut done_below: HashMap<i32, i64> = HashMap::new();
+        for (partition, offset) in written {
+            let end = done_below.entry(partition).or_default();
+            *end = (*end).max(offset + 1);
+        }
+        for (partition, outboxes_done_below) in done_below {
+            if let Some(epoch) = self.partitions.get(&partition).map(|s| s.epoch) {
+                let marker = Marker {
+                    epoch,
+                    outboxes_done_below,
+                };
+                let record = self.marker_record(partition, marker, now).await?;
+                send_unawaited(&self.producer, &record);
+            }
+        }
         Ok(())
+    }
+
+    /// Writes the early-signal records of `early` that still wait for their workflow (the others were applied
+    /// by its start, whose record replaces theirs, or expired and got a tombstone).
+    pub(crate) async fn produce_early(
+        &mut self,
+        early: &BTreeSet<(i32, String)>,
+        now: i64,
+    ) -> anyhow::Result<()> {
+        let topic = self.config.topics.state();
+        let mut records = Vec::new();
+        for (partition, id) in early {
+            let Some(kept) = self.partitions.get(partition).and_then(|s| s.early.get(id)) else {
+                continue;
+            };
+            records.push(Outgoing {
+                payload: Some(self.codec.encode(&topic, &kept.to_record(id, now)).await?),
+                topic: topic.clone(),
+                partition: Some(*partition),
+                key: id.as_bytes().to_vec(),
+                headers: vec![(EPOCH_HEADER, self.epoch_of(*partition))],
+            });
+        }
+        produce_all(&self.producer, &records)
+            .await
+            .context("writing early signals to the changelog")?;
+        Ok(())
+    }
+
+    /// The dead letter of a signal whose workflow did not start in time. The value is the signal encoded again
+    /// (the original bytes were not kept), so replaying it delivers the same signal.
+    pub(crate) async fn expired_letter(
+        &self,
+        expired: EarlySignal,
+    ) -> anyhow::Result<edow_schemas::contracts::DeadLetter> {
+        let topic = self.config.topics.signals();
+        let reason = format!(
+            "workflow {} did not start within {} of this signal (early_signal_ttl); start it, then replay \
+             this signal",
+            expired.signal.workflow_id,
+            humantime::format_duration(self.config.early_signal_ttl)
+        );
+        Ok(edow_schemas::contracts::DeadLetter {
+            origin_topic: topic.clone(),
+            origin_partition: expired.partition,
+            origin_offset: expired.offset,
+            origin_timestamp: Some(expired.signal.sent_at),
+            key: Some(expired.signal.workflow_id.as_bytes().to_vec()),
+            value: Some(self.codec.encode(&topic, &expired.signal).await?),
+            headers: Default::default(),
+            error_kind: "unknown_instance".into(),
+            error: reason,
+            attempts: 1,
+            first_failed_at: now_millis(),
+            dead_lettered_at: now_millis(),
+            service: "orchestrator".into(),
+        })
+    }
+
+    /// The epoch header value of `partition`'s owner.
+    pub(crate) fn epoch_of(&self, partition: i32) -> Vec<u8> {
+        self.partitions
+            .get(&partition)
+            .map_or(0, |s| s.epoch)
+            .to_string()
+            .into_bytes()
+    }
+
+    pub(crate) async fn marker_record(
+        &self,
+        partition: i32,
+        marker: Marker,
+        now: i64,
+    ) -> anyhow::Result<Outgoing> {
+        let topic = self.config.topics.state();
+        Ok(Outgoing {
+            payload: Some(self.codec.encode(&topic, &marker.to_record(now)).await?),
+            topic,
+            partition: Some(partition),
+            key: MARKER_KEY.as_bytes().to_vec(),
+            headers: vec![(EPOCH_HEADER, marker.epoch.to_string().into_bytes())],
+        })
     }
 
     /// Fails a workflow whose records are too large: its outbox keeps the events already emitted, loses the
@@ -168,7 +268,7 @@ impl Orchestrator {
                 partition: Some(partition),
                 key: id.as_bytes().to_vec(),
                 payload: Some(value),
-                headers: Vec::new(),
+                headers: vec![(EPOCH_HEADER, self.epoch_of(partition))],
             },
             tasks: Vec::new(),
             events: Vec::new(),
@@ -377,5 +477,33 @@ pub(crate) fn lifecycle_kind(kind: EventKind) -> LifecycleKind {
         EventKind::WorkflowCompensated => LifecycleKind::WorkflowCompensated,
         EventKind::WorkflowFiltered => LifecycleKind::WorkflowFiltered,
         EventKind::CompensationFailed => LifecycleKind::CompensationFailed,
+    }
+}
+
+/// Hands `record` to the producer without waiting for its acknowledgement.
+fn send_unawaited(producer: &rdkafka::producer::FutureProducer, record: &Outgoing) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (key, value) in &record.headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_slice()),
+        });
+    }
+    let mut future = FutureRecord::to(&record.topic)
+        .key(&record.key)
+        .headers(headers);
+    if let Some(payload) = record.payload.as_deref() {
+        future = future.payload(payload);
+    }
+    if let Some(partition) = record.partition {
+        future = future.partition(partition);
+    }
+    if let Err((e, _)) = producer.send_result(future) {
+        tracing::debug!(
+            "the partition marker was not queued ({e}); the next restore checks more outboxes"
+        );
     }
 }
