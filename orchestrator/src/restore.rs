@@ -42,7 +42,7 @@ struct Kept {
 }
 
 enum KeptState {
-    Workflow(Persisted),
+    Workflow(Box<Persisted>),
     /// Signals waiting for the workflow's start.
     Early(Early),
     Tombstone,
@@ -72,7 +72,7 @@ impl Orchestrator {
         let mut changed = BTreeSet::new();
         for kept in read.latest.into_values() {
             let mut persisted = match kept.state {
-                KeptState::Workflow(persisted) => persisted,
+                KeptState::Workflow(persisted) => *persisted,
                 KeptState::Early(early) => {
                     let id = early.signals.first().map(|s| s.signal.workflow_id.clone());
                     if let Some(id) = id {
@@ -204,18 +204,15 @@ impl Orchestrator {
                 read.latest.insert(key, kept);
                 continue;
             }
-            let decoded = decode_retrying::<WorkflowState>(
-                &self.codec,
-                record.payload(),
-                give_up_at,
-            )
-            .await
-            .map_err(|Stalled(e)| {
-                anyhow::anyhow!(
+            let decoded =
+                decode_retrying::<WorkflowState>(&self.codec, record.payload(), give_up_at)
+                    .await
+                    .map_err(|Stalled(e)| {
+                        anyhow::anyhow!(
                     "restoring partition {partition}: the schema registry stayed unreachable: {e}"
                 )
-            })?
-            .map_err(|e| e.to_string());
+                    })?
+                    .map_err(|e| e.to_string());
             if key == MARKER_KEY {
                 match decoded.and_then(|r| Marker::from_record(&r)) {
                     Ok(marker) if marker.epoch >= read.marker.epoch => read.marker = marker,
@@ -228,7 +225,7 @@ impl Orchestrator {
                 if r.workflow_name == EARLY_NAME {
                     Early::from_record(&r).map(KeptState::Early)
                 } else {
-                    Persisted::from_record(&r).map(KeptState::Workflow)
+                    Persisted::from_record(&r).map(|p| KeptState::Workflow(Box::new(p)))
                 }
             });
             match kept {
