@@ -260,22 +260,51 @@ impl Drop for Process {
     }
 }
 
-/// A nisshi broker on a free loopback port with in-memory storage.
+/// A nisshi broker on a free loopback port, with in-memory storage or durable (sqlite) storage that survives
+/// [`Broker::restart`].
 pub struct Broker {
     process: Process,
     port: u16,
-    _dir: TempDir,
+    durable: bool,
+    dir: TempDir,
 }
 
 impl Broker {
+    /// A broker with in-memory storage.
     pub fn start() -> Broker {
-        let binary = broker_binary();
+        Broker::start_with_storage(false)
+    }
+
+    /// A broker storing everything in sqlite in its own directory: records, offsets and compaction survive a
+    /// restart.
+    pub fn start_durable() -> Broker {
+        Broker::start_with_storage(true)
+    }
+
+    fn start_with_storage(durable: bool) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("edow-broker-")
             .tempdir()
             .expect("creating broker data dir");
         let port = free_port();
+        let process = Broker::spawn(port, durable, dir.path(), 1);
+        Broker {
+            process,
+            port,
+            durable,
+            dir,
+        }
+    }
+
+    fn spawn(port: u16, durable: bool, dir: &Path, run: usize) -> Process {
+        let binary = broker_binary();
         let url = format!("tcp://127.0.0.1:{port}");
+        // The sqlite path is taken relative to the working directory, which is the broker's own directory.
+        let storage = if durable {
+            "sqlite://broker.db?maintenance_interval=5s"
+        } else {
+            "memory://nisshi/"
+        };
         let mut args = vec![
             "broker".to_string(),
             "--listener-url".into(),
@@ -283,22 +312,29 @@ impl Broker {
             "--advertised-listener-url".into(),
             url,
             "--storage-engine".into(),
-            "memory://nisshi/".into(),
+            storage.into(),
         ];
         if binary.to_string_lossy().contains("nisshi-0.8") {
             args.extend(["--group-initial-rebalance-delay".into(), "100ms".into()]);
         }
-        let log = dir.path().join("broker.log");
-        let mut process = Process::spawn("nisshi broker", &binary, &args, dir.path(), log);
+        let log = dir.join(format!("broker-{run}.log"));
+        let mut process = Process::spawn("nisshi broker", &binary, &args, dir, log);
         process.wait_for_port(
             SocketAddr::from(([127, 0, 0, 1], port)),
             Duration::from_secs(30),
         );
-        Broker {
-            process,
-            port,
-            _dir: dir,
-        }
+        process
+    }
+
+    /// Stops the broker (SIGTERM, then SIGKILL), waits `down`, and starts it again on the same port. Only a
+    /// durable broker keeps its data.
+    pub fn restart(&mut self, down: Duration) {
+        self.process.terminate(Duration::from_secs(10));
+        std::thread::sleep(down);
+        let runs = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        self.process = Broker::spawn(self.port, self.durable, self.dir.path(), runs + 1);
     }
 
     /// `host:port` for `bootstrap.servers`.

@@ -27,7 +27,15 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
-        let broker = Broker::start();
+        Cluster::with_broker(Broker::start())
+    }
+
+    /// A cluster whose broker keeps its data in sqlite, so that it can be restarted.
+    pub fn start_durable() -> Cluster {
+        Cluster::with_broker(Broker::start_durable())
+    }
+
+    fn with_broker(broker: Broker) -> Cluster {
         let registry = Registry::start(&broker);
         let kafka = Kafka::new(broker.bootstrap_servers());
         let codec = Codec::new(&registry.url()).unwrap();
@@ -142,22 +150,27 @@ impl Cluster {
 
     /// A reader of every lifecycle event from the beginning.
     pub fn events(&self) -> Events<'_> {
-        let consumer: StreamConsumer = self
-            .kafka
-            .group_consumer_config(&format!("test-events-{}", now_millis()))
-            .create()
+        events_reader(&self.kafka, &self.codec, &self.topics)
+    }
+}
+
+/// A reader of every lifecycle event from the beginning, borrowing only `codec` (so the cluster stays free to
+/// be changed, e.g. its broker restarted).
+pub fn events_reader<'a>(kafka: &Kafka, codec: &'a Codec, topics: &Topics) -> Events<'a> {
+    let consumer: StreamConsumer = kafka
+        .group_consumer_config(&format!("test-events-{}", now_millis()))
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        list.add_partition_offset(&topics.events(), p, Offset::Beginning)
             .unwrap();
-        let mut list = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            list.add_partition_offset(&self.topics.events(), p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&list).unwrap();
-        Events {
-            consumer,
-            codec: &self.codec,
-            seen: Vec::new(),
-        }
+    }
+    consumer.assign(&list).unwrap();
+    Events {
+        consumer,
+        codec,
+        seen: Vec::new(),
     }
 }
 
@@ -177,7 +190,11 @@ impl Events<'_> {
                     let event: LifecycleEvent = self.codec.decode(msg.payload()).await.unwrap();
                     self.seen.push(event);
                 }
-                Ok(Err(e)) => panic!("reading events: {e}"),
+                // A broker restart shows up as transient errors; the consumer reconnects by itself.
+                Ok(Err(e)) => {
+                    eprintln!("reading events: {e}; going on");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(_) => panic!(
                     "timed out after {timeout:?}; {} events seen, {:?}",
                     self.seen.len(),
