@@ -117,7 +117,11 @@ impl CanonicalSchema {
         let json: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         let canonical = json.to_string();
-        let parsed = Schema::parse_str(&canonical).map_err(|e| e.to_string())?;
+        // apache-avro 0.22 panics on some malformed schemas (a `precision` that is an object on a field type
+        // with a default, say) instead of returning an error; the text comes from clients and from the log.
+        let parsed = std::panic::catch_unwind(|| Schema::parse_str(&canonical))
+            .map_err(|_| "the Avro parser failed on this schema".to_string())?
+            .map_err(|e| e.to_string())?;
         Ok(CanonicalSchema {
             text: canonical,
             parsed,
@@ -830,6 +834,15 @@ mod tests {
         }
         assert!(store.subjects(true).is_empty());
         assert_eq!(store.global_level(), Level::DEFAULT);
+    }
+
+    #[test]
+    fn a_schema_that_panics_the_avro_parser_is_refused() {
+        let hostile = r#"{"type":"record","name":"R","fields":[{"name":"x","type":{"type":"map","values":"int","precision":{}},"default":{"a":"b"}}]}"#;
+        assert!(CanonicalSchema::parse(hostile).is_err());
+        let mut store = Store::default();
+        let (k, v) = claim("s", 1, 1, hostile, 0);
+        assert!(store.apply(&k, Some(&v)).is_err());
     }
 
     /// A tiny deterministic generator, so that the simulated races below replay the same way every run.
