@@ -366,6 +366,10 @@ async fn lookup(
 ) -> ApiResult {
     let schema = schema_from(&body)?;
     let deleted = flag(&q, "deleted");
+    // Like an id, the schema may have just been registered through another instance.
+    if s.log.read().lookup(&subject, &schema, deleted).is_none() {
+        s.log.sync().await.map_err(ApiError::store)?;
+    }
     let store = s.log.read();
     store
         .versions(&subject, deleted)
