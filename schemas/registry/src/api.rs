@@ -17,11 +17,13 @@ use serde_json::{json, Value};
 
 use crate::compat::Level;
 use crate::log::SchemaLog;
-use crate::store::{CanonicalSchema, ConfigValue, LogKey, Registration, SchemaValue};
+use crate::store::{
+    CanonicalSchema, ConfigValue, DeletionValue, LogKey, Refusal, Registration, SchemaValue,
+};
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
-/// How often a registration is planned again after losing an id race with another instance.
-const REGISTRATION_ATTEMPTS: usize = 5;
+/// How long a registration keeps planning again after losing races to other instances' claims.
+const REGISTRATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 pub struct AppState {
     pub log: SchemaLog,
@@ -264,21 +266,27 @@ fn parse_id(raw: &str) -> Result<u32, ApiError> {
         .map_err(|_| ApiError::schema_not_found(format!("id '{raw}'")))
 }
 
-async fn schema_by_id(State(s): Shared, Path(id): Path<String>) -> ApiResult {
-    let id = parse_id(&id)?;
-    let store = s.log.read();
-    let schema = store
+/// The schema with id `id`. An id this instance has not applied yet may have just been given out by another
+/// instance to a producer whose records a consumer is now decoding, so a miss reads up to the log's end first.
+async fn schema_for_id(s: &AppState, id: u32) -> Result<Arc<CanonicalSchema>, ApiError> {
+    if let Some(schema) = s.log.read().schema(id) {
+        return Ok(schema.clone());
+    }
+    s.log.sync().await.map_err(ApiError::store)?;
+    s.log
+        .read()
         .schema(id)
-        .ok_or_else(|| ApiError::schema_not_found(id))?;
+        .cloned()
+        .ok_or_else(|| ApiError::schema_not_found(id))
+}
+
+async fn schema_by_id(State(s): Shared, Path(id): Path<String>) -> ApiResult {
+    let schema = schema_for_id(&s, parse_id(&id)?).await?;
     Ok(ok(json!({"schema": schema.text})))
 }
 
 async fn raw_schema_by_id(State(s): Shared, Path(id): Path<String>) -> ApiResult {
-    let id = parse_id(&id)?;
-    let store = s.log.read();
-    let schema = store
-        .schema(id)
-        .ok_or_else(|| ApiError::schema_not_found(id))?;
+    let schema = schema_for_id(&s, parse_id(&id)?).await?;
     Ok(ok(serde_json::from_str(&schema.text).unwrap_or(Value::Null)))
 }
 
@@ -358,6 +366,10 @@ async fn lookup(
 ) -> ApiResult {
     let schema = schema_from(&body)?;
     let deleted = flag(&q, "deleted");
+    // Like an id, the schema may have just been registered through another instance.
+    if s.log.read().lookup(&subject, &schema, deleted).is_none() {
+        s.log.sync().await.map_err(ApiError::store)?;
+    }
     let store = s.log.read();
     store
         .versions(&subject, deleted)
@@ -371,12 +383,23 @@ async fn lookup(
 async fn register(State(s): Shared, Path(subject): Path<String>, body: Bytes) -> ApiResult {
     let schema = schema_from(&body)?;
     let _writer = s.writer.lock().await;
-    for _ in 0..REGISTRATION_ATTEMPTS {
-        s.log.sync().await.map_err(ApiError::store)?;
+    let deadline = tokio::time::Instant::now() + REGISTRATION_DEADLINE;
+    // The offset of the last record this instance wrote and has applied. A plan made now has seen the log up
+    // to it, and no other claim is planned on it, so it makes the claim's key unique.
+    let mut seen = s.log.sync().await.map_err(ApiError::store)?;
+    let mut claims = 0;
+    loop {
         let plan = s.log.read().plan_registration(&subject, &schema);
-        match plan {
-            Ok(Registration::Existing { id, .. }) => return Ok(ok(json!({"id": id}))),
-            Err(problems) => {
+        let (id, version) = match plan {
+            // The only answer: the id the log gave this schema, never the id a claim asked for.
+            Ok(Registration::Existing { id, version }) => {
+                if claims > 0 {
+                    tracing::info!(%subject, version, id, claims, "registered schema");
+                }
+                return Ok(ok(json!({"id": id})));
+            }
+            Ok(Registration::New { id, version }) => (id, version),
+            Err(Refusal::Incompatible(problems)) => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     409,
@@ -386,38 +409,38 @@ async fn register(State(s): Shared, Path(subject): Path<String>, body: Bytes) ->
                 ),
                 ))
             }
-            Ok(Registration::New { id, version }) => {
-                let value = SchemaValue {
-                    subject: subject.clone(),
-                    version,
-                    id,
-                    schema: schema.text.clone(),
-                    deleted: false,
-                    schema_type: None,
-                };
-                let key = LogKey::Schema {
-                    subject: subject.clone(),
-                    version,
-                    magic: 1,
-                };
-                s.log
-                    .append(&key, Some(&value))
-                    .await
-                    .map_err(ApiError::store)?;
-                if s.log.read().holds(&subject, version, id) {
-                    tracing::info!(%subject, version, id, "registered schema");
-                    return Ok(ok(json!({"id": id})));
-                }
-                tracing::info!(%subject, version, id, "lost a registration race; planning again");
+            Err(Refusal::OutOfNumbers(why)) => {
+                return Err(ApiError::store(anyhow::anyhow!(
+                    "cannot register under {subject}: {why}"
+                )))
             }
+        };
+        if tokio::time::Instant::now() > deadline {
+            return Err(ApiError::store(anyhow::anyhow!(
+                "other registry instances kept claiming the same ids or versions for \
+                 {REGISTRATION_DEADLINE:?}; try again"
+            )));
         }
+        let value = SchemaValue {
+            subject: subject.clone(),
+            version,
+            id,
+            schema: schema.text.clone(),
+            deleted: false,
+            schema_type: None,
+        };
+        seen = s
+            .log
+            .append(&LogKey::claim(&subject, version, seen), Some(&value))
+            .await
+            .map_err(ApiError::store)?;
+        claims += 1;
+        // Everything up to the claim is applied now, so the next plan finds it if it won; a loser plans again
+        // from there without another NOOP.
     }
-    Err(ApiError::store(anyhow::anyhow!(
-        "another registry instance kept taking the next id; try again"
-    )))
 }
 
-/// Soft-deletes (marks) or permanently deletes (tombstones) the given versions of a subject.
+/// Soft-deletes or permanently deletes the given versions of a subject. Ids stay bound to their schemas.
 async fn delete_versions(
     s: &AppState,
     subject: &str,
@@ -425,26 +448,16 @@ async fn delete_versions(
     permanent: bool,
 ) -> Result<(), ApiError> {
     for &(version, id) in versions {
-        let key = LogKey::Schema {
+        let value = DeletionValue {
             subject: subject.to_string(),
             version,
-            magic: 1,
+            id,
+            permanent,
         };
-        if permanent {
-            s.log.append::<SchemaValue>(&key, None).await
-        } else {
-            let schema = s.log.read().schema(id).map(|c| c.text.clone());
-            let value = SchemaValue {
-                subject: subject.to_string(),
-                version,
-                id,
-                schema: schema.unwrap_or_default(),
-                deleted: true,
-                schema_type: None,
-            };
-            s.log.append(&key, Some(&value)).await
-        }
-        .map_err(ApiError::store)?;
+        s.log
+            .append(&LogKey::delete_version(subject, version), Some(&value))
+            .await
+            .map_err(ApiError::store)?;
     }
     Ok(())
 }
@@ -585,7 +598,8 @@ async fn write_config(
     s.log
         .append(&key, value.as_ref())
         .await
-        .map_err(ApiError::store)
+        .map_err(ApiError::store)?;
+    Ok(())
 }
 
 async fn get_global_config(State(s): Shared) -> ApiResult {

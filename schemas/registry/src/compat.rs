@@ -133,7 +133,10 @@ pub fn check(level: Level, candidate: &Schema, existing: &[Existing<'_>]) -> Vec
 
 /// Whether every datum written with `writer` can be read with `reader`.
 fn fully_readable(writer: &Schema, reader: &Schema) -> Result<(), String> {
-    match SchemaCompatibility::can_read(writer, reader) {
+    // Both schemas came from clients; a panic in apache-avro must cost this request, not the registry.
+    let verdict = std::panic::catch_unwind(|| SchemaCompatibility::can_read(writer, reader))
+        .map_err(|_| "the Avro compatibility check failed on these schemas".to_string())?;
+    match verdict {
         Ok(Compatibility::Full) => Ok(()),
         Ok(Compatibility::Partial) => Err(
             "only some data would resolve: an enum lost a symbol the reader has no default for, \

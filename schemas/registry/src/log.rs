@@ -17,7 +17,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::store::{LogKey, Store};
+use crate::store::{Applied, LogKey, Store};
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -79,18 +79,19 @@ impl SchemaLog {
         self.store.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Returns once every record written before this call, by any instance, has been applied.
-    pub async fn sync(&self) -> anyhow::Result<()> {
+    /// Returns once every record written before this call, by any instance, has been applied; with the offset
+    /// of the NOOP written to learn that.
+    pub async fn sync(&self) -> anyhow::Result<i64> {
         self.append(&LogKey::Noop { magic: 0 }, None::<&()>).await
     }
 
     /// Appends a record (a tombstone when `value` is None, except for NOOPs, which carry an empty object)
-    /// and returns once this instance has applied it.
+    /// and returns its offset once this instance has applied it.
     pub async fn append<V: serde::Serialize>(
         &self,
         key: &LogKey,
         value: Option<&V>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<i64> {
         let key_bytes = serde_json::to_vec(key)?;
         let value_bytes = match (key, value) {
             (LogKey::Noop { .. }, _) => Some(b"{}".to_vec()),
@@ -117,7 +118,7 @@ impl SchemaLog {
                 )
             })?
             .context("the registry's log reader stopped")?;
-        Ok(())
+        Ok(offset)
     }
 }
 
@@ -140,8 +141,10 @@ async fn read_forever(
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .apply(key, msg.payload());
-                if let Err(why) = outcome {
-                    tracing::warn!(offset = msg.offset(), "{why}");
+                match outcome {
+                    Ok(Applied::Done) => {}
+                    Ok(Applied::Lost(why)) => tracing::debug!(offset = msg.offset(), "{why}"),
+                    Err(why) => tracing::warn!(offset = msg.offset(), "{why}"),
                 }
                 applied.send_replace(msg.offset() + 1);
             }

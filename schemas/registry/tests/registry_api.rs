@@ -324,6 +324,7 @@ async fn bad_input_gets_confluent_errors_and_never_a_500() {
     api.register("orders-value", ORDER_V1).await;
 
     let order_body = json!({"schema": ORDER_V1}).to_string();
+    let deep_body = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let cases: Vec<(Method, &str, Option<&str>, u16, u64)> = vec![
         (
             Method::POST,
@@ -375,6 +376,23 @@ async fn bad_input_gets_confluent_errors_and_never_a_500() {
             Some(r#"{"schema":"syntax = \"proto3\";","schemaType":"PROTOBUF"}"#),
             422,
             42201,
+        ),
+        // apache-avro panics on this one instead of returning an error.
+        (
+            Method::POST,
+            "/subjects/orders-value/versions",
+            Some(
+                r#"{"schema":"{\"type\":\"record\",\"name\":\"R\",\"fields\":[{\"name\":\"x\",\"type\":{\"type\":\"map\",\"values\":\"int\",\"precision\":{}},\"default\":{\"a\":\"b\"}}]}"}"#,
+            ),
+            422,
+            42201,
+        ),
+        (
+            Method::POST,
+            "/subjects/orders-value/versions",
+            Some(deep_body.as_str()),
+            400,
+            400,
         ),
         (Method::GET, "/subjects/nope/versions", None, 404, 40401),
         (Method::GET, "/subjects/nope/versions/1", None, 404, 40401),
