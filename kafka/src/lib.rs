@@ -168,14 +168,40 @@ impl Kafka {
             .unwrap_or(0))
     }
 
-    /// Every record of one partition from `from` up to the end it had when called. Blocking: call it from a
-    /// blocking context.
-    pub fn read_to_end(
+    /// Streams the records of one partition from `from` up to the end it had when called, in chunks of at most
+    /// `chunk` records, through a channel of two chunks: memory stays bounded whatever the partition's length.
+    /// The read runs on a blocking thread; it fails only when no record arrives for a minute, never because a
+    /// long partition takes long.
+    pub fn stream_to_end(
         &self,
         topic: &str,
         partition: i32,
         from: Offset,
-    ) -> anyhow::Result<Vec<OwnedMessage>> {
+        chunk: usize,
+    ) -> tokio::sync::mpsc::Receiver<anyhow::Result<Vec<OwnedMessage>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (kafka, topic) = (self.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || {
+            let sent = kafka.read_chunks(&topic, partition, from, chunk.max(1), |records| {
+                tx.blocking_send(Ok(records)).is_ok()
+            });
+            if let Err(e) = sent {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        rx
+    }
+
+    /// Reads like [`Kafka::stream_to_end`], handing each chunk to `deliver`; stops early when it returns false.
+    fn read_chunks(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: Offset,
+        chunk: usize,
+        mut deliver: impl FnMut(Vec<OwnedMessage>) -> bool,
+    ) -> anyhow::Result<()> {
+        const STALL: Duration = Duration::from_secs(60);
         let reader = self.reader()?;
         let (low, high) = reader
             .fetch_watermarks(topic, partition, Duration::from_secs(10))
@@ -185,33 +211,57 @@ impl Kafka {
             _ => low,
         };
         if start >= high {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
         reader.assign(&assignment)?;
-        let mut records = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut records = Vec::with_capacity(chunk.min(4096));
+        let mut last_progress = std::time::Instant::now();
         loop {
             match reader.poll(Duration::from_millis(200)) {
                 Some(Ok(msg)) => {
+                    last_progress = std::time::Instant::now();
                     let offset = msg.offset();
                     records.push(msg.detach());
                     if offset + 1 >= high {
-                        return Ok(records);
+                        deliver(records);
+                        return Ok(());
+                    }
+                    if records.len() >= chunk && !deliver(std::mem::take(&mut records)) {
+                        return Ok(());
                     }
                 }
                 // Compaction can leave the last offsets empty: the end of the partition ends the read too.
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(records),
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                    deliver(records);
+                    return Ok(());
+                }
                 Some(Err(e)) => {
                     return Err(e).with_context(|| format!("reading {topic}/{partition}"))
                 }
                 None => {}
             }
-            if std::time::Instant::now() > deadline {
-                bail!("reading {topic}/{partition} to offset {high} took over 120 s");
+            if last_progress.elapsed() > STALL {
+                bail!("reading {topic}/{partition}: no record for {STALL:?} before offset {high}");
             }
         }
+    }
+
+    /// Every record of one partition from `from` up to the end it had when called. Blocking: call it from a
+    /// blocking context.
+    pub fn read_to_end(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: Offset,
+    ) -> anyhow::Result<Vec<OwnedMessage>> {
+        let mut all = Vec::new();
+        self.read_chunks(topic, partition, from, usize::MAX, |records| {
+            all.extend(records);
+            true
+        })?;
+        Ok(all)
     }
 }
 

@@ -193,18 +193,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 }
 
 impl Orchestrator {
-    /// Forgets revoked partitions and restores newly assigned ones from the changelog.
+    /// Forgets revoked partitions and restores newly assigned ones from the changelog; the partitions of one
+    /// assignment are read concurrently, then taken over one by one.
     async fn handle_rebalances(&mut self, consumer: &InputConsumer) -> anyhow::Result<()> {
         for (assigned, partitions) in consumer.context().take() {
-            for partition in partitions {
-                if assigned {
-                    if !self.partitions.contains_key(&partition) {
-                        let state = self.restore(partition).await?;
-                        self.partitions.insert(partition, state);
-                    }
-                } else {
+            if !assigned {
+                for partition in partitions {
                     self.forget(partition, "revoked");
                 }
+                continue;
+            }
+            let mut reads = tokio::task::JoinSet::new();
+            for partition in partitions {
+                if !self.partitions.contains_key(&partition) {
+                    reads.spawn(restore::prepare(
+                        self.config.kafka.clone(),
+                        self.codec.clone(),
+                        self.config.topics.clone(),
+                        partition,
+                    ));
+                }
+            }
+            while let Some(read) = reads.join_next().await {
+                self.take_over(read??).await?;
             }
         }
         Ok(())

@@ -28,6 +28,9 @@ use crate::partition::{
     Early, Marker, PartitionState, Persisted, EARLY_NAME, EPOCH_HEADER, MARKER_KEY,
 };
 use crate::{Orchestrator, RESERVED_ID_PREFIX};
+use edow_kafka::Kafka;
+use edow_schemas::{Codec, Topics};
+use std::sync::Arc;
 
 /// How long a restore waits for an unreachable registry before the orchestrator gives up (and is restarted).
 const RESTORE_REGISTRY_BOUND: Duration = Duration::from_secs(60);
@@ -60,75 +63,129 @@ struct Read {
     end: i64,
 }
 
-impl Orchestrator {
-    /// Rebuilds one partition's state from the changelog and re-produces what a crash may have left unproduced.
-    pub(crate) async fn restore(&mut self, partition: i32) -> anyhow::Result<PartitionState> {
-        let started = Instant::now();
-        let read = self.read_changelog(partition).await?;
-        let mut state = PartitionState {
-            epoch: read.highest_epoch.max(read.marker.epoch) + 1,
-            ..PartitionState::default()
-        };
-        let mut changed = BTreeSet::new();
-        for kept in read.latest.into_values() {
-            let mut persisted = match kept.state {
-                KeptState::Workflow(persisted) => *persisted,
-                KeptState::Early(early) => {
-                    let id = early.signals.first().map(|s| s.signal.workflow_id.clone());
-                    if let Some(id) = id {
-                        state.early.insert(id, early);
-                    }
-                    continue;
-                }
-                KeptState::Tombstone => continue,
-            };
-            if kept.overwritten_by_zombie {
-                changed.insert((partition, persisted.instance.workflow_id.clone()));
-            }
-            if kept.offset < read.marker.outboxes_done_below {
-                persisted.outbox.commands.clear();
-            }
-            state.put(persisted);
-        }
-        let (events_low, events_end) = {
-            let (kafka, topic) = (self.config.kafka.clone(), self.config.topics.events());
-            tokio::task::spawn_blocking(move || {
-                kafka
-                    .reader()?
-                    .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-                    .map_err(anyhow::Error::from)
-            })
-            .await??
-        };
-        state.events_end = events_end;
-        let replayed = self
-            .check_outboxes(partition, &mut state, events_low, &mut changed)
-            .await?;
+/// A partition read back and checked, ready for its owner to take: the state, the workflows whose outboxes
+/// (or zombie-overwritten records) must be produced again, and the figures for the log line.
+pub(crate) struct Prepared {
+    partition: i32,
+    state: PartitionState,
+    changed: BTreeSet<(i32, String)>,
+    /// The changelog offset after the last record read, and the marker found.
+    read_end: i64,
+    marker: Marker,
+    replayed: usize,
+    zombies: usize,
+    records: usize,
+    started: Instant,
+}
 
+/// Reads and checks one partition. Needs nothing of the orchestrator but its clients, so that the partitions of
+/// one assignment are prepared concurrently.
+pub(crate) async fn prepare(
+    kafka: Kafka,
+    codec: Arc<Codec>,
+    topics: Topics,
+    partition: i32,
+) -> anyhow::Result<Prepared> {
+    let started = Instant::now();
+    let read = read_changelog(&kafka, &codec, &topics, partition).await?;
+    let mut state = PartitionState {
+        epoch: read.highest_epoch.max(read.marker.epoch) + 1,
+        ..PartitionState::default()
+    };
+    let mut changed = BTreeSet::new();
+    for kept in read.latest.into_values() {
+        let mut persisted = match kept.state {
+            KeptState::Workflow(persisted) => *persisted,
+            KeptState::Early(early) => {
+                let id = early.signals.first().map(|s| s.signal.workflow_id.clone());
+                if let Some(id) = id {
+                    state.early.insert(id, early);
+                }
+                continue;
+            }
+            KeptState::Tombstone => continue,
+        };
+        if kept.overwritten_by_zombie {
+            changed.insert((partition, persisted.instance.workflow_id.clone()));
+        }
+        if kept.offset < read.marker.outboxes_done_below {
+            persisted.outbox.commands.clear();
+        }
+        state.put(persisted);
+    }
+    let (events_low, events_end) = {
+        let (kafka, topic) = (kafka.clone(), topics.events());
+        tokio::task::spawn_blocking(move || {
+            kafka
+                .reader()?
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                .map_err(anyhow::Error::from)
+        })
+        .await??
+    };
+    state.events_end = events_end;
+    let replayed = check_outboxes(
+        &kafka,
+        &topics,
+        partition,
+        &mut state,
+        events_low,
+        &mut changed,
+    )
+    .await?;
+    Ok(Prepared {
+        partition,
+        state,
+        changed,
+        read_end: read.end,
+        marker: read.marker,
+        replayed,
+        zombies: read.zombies,
+        records: read.records,
+        started,
+    })
+}
+
+impl Orchestrator {
+    /// Takes a prepared partition: fences it with a new epoch, re-produces what a crash left unproduced, records
+    /// that every outbox read is produced, and keeps the state.
+    pub(crate) async fn take_over(&mut self, prepared: Prepared) -> anyhow::Result<()> {
+        let Prepared {
+            partition,
+            state,
+            changed,
+            read_end,
+            marker,
+            replayed,
+            zombies,
+            records,
+            started,
+        } = prepared;
         // The new epoch's marker goes first: from here on, whatever an older owner still writes is ignored.
         let now = now_millis();
         let fence = Marker {
             epoch: state.epoch,
-            outboxes_done_below: read.marker.outboxes_done_below,
+            outboxes_done_below: marker.outboxes_done_below,
         };
-        let marker = self.marker_record(partition, fence, now).await?;
-        produce_all(&self.producer, &[marker])
+        let fence = self.marker_record(partition, fence, now).await?;
+        produce_all(&self.producer, &[fence])
             .await
             .context("writing the partition marker")?;
+        let epoch = state.epoch;
         self.partitions.insert(partition, state);
-        let outcome = self.produce_outputs(&changed, &[], now).await;
-        let mut state = self.partitions.remove(&partition).unwrap_or_default();
-        outcome?;
+        self.produce_outputs(&changed, &[], now).await?;
         // Every outbox read is produced now; the next restore starts its check after them.
         let checked = Marker {
-            epoch: state.epoch,
-            outboxes_done_below: read.end,
+            epoch,
+            outboxes_done_below: read_end,
         };
-        let marker = self.marker_record(partition, checked, now).await?;
-        produce_all(&self.producer, &[marker])
+        let checked = self.marker_record(partition, checked, now).await?;
+        produce_all(&self.producer, &[checked])
             .await
             .context("writing the partition marker")?;
-
+        let Some(state) = self.partitions.get_mut(&partition) else {
+            return Ok(());
+        };
         let ended: Vec<String> = state
             .instances
             .values()
@@ -140,193 +197,208 @@ impl Orchestrator {
         }
         tracing::info!(
             partition,
-            epoch = state.epoch,
+            epoch,
             running = state.instances.len(),
             ended = state.ended.len(),
+            early = state.early.len(),
             replayed,
-            zombies = read.zombies,
-            records = read.records,
+            zombies,
+            records,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "restored partition from the changelog"
         );
-        Ok(state)
+        Ok(())
     }
+}
 
-    /// Reads the changelog of `partition` from the beginning, keeping the winning record of each key.
-    async fn read_changelog(&self, partition: i32) -> anyhow::Result<Read> {
-        let records = {
-            let (kafka, topic) = (self.config.kafka.clone(), self.config.topics.state());
-            tokio::task::spawn_blocking(move || {
-                kafka.read_to_end(&topic, partition, Offset::Beginning)
-            })
-            .await??
-        };
-        let give_up_at = Instant::now() + RESTORE_REGISTRY_BOUND;
-        let mut read = Read {
-            records: records.len(),
-            ..Read::default()
-        };
-        for record in records {
-            let Some(key) = record
-                .key()
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-            else {
-                continue;
-            };
-            if key.starts_with(RESERVED_ID_PREFIX) && key != MARKER_KEY {
-                continue;
-            }
-            read.end = read.end.max(record.offset() + 1);
-            let epoch = epoch_of(&record);
-            read.highest_epoch = read.highest_epoch.max(epoch);
-            let superseded = read.latest.get(&key).is_some_and(|k| epoch < k.epoch);
-            if epoch < read.marker.epoch || superseded {
-                read.zombies += 1;
-                if let Some(kept) = read.latest.get_mut(&key) {
-                    kept.overwritten_by_zombie = true;
-                }
-                tracing::warn!(
-                    partition,
-                    offset = record.offset(),
-                    epoch,
-                    "ignoring a changelog record of {key} written by an instance that had lost the partition"
-                );
-                continue;
-            }
-            let offset = record.offset();
-            if record.payload().is_none() {
-                let kept = Kept {
-                    epoch,
-                    offset,
-                    overwritten_by_zombie: false,
-                    state: KeptState::Tombstone,
-                };
-                read.latest.insert(key, kept);
-                continue;
-            }
-            let decoded =
-                decode_retrying::<WorkflowState>(&self.codec, record.payload(), give_up_at)
-                    .await
-                    .map_err(|Stalled(e)| {
-                        anyhow::anyhow!(
-                    "restoring partition {partition}: the schema registry stayed unreachable: {e}"
-                )
-                    })?
-                    .map_err(|e| e.to_string());
-            if key == MARKER_KEY {
-                match decoded.and_then(|r| Marker::from_record(&r)) {
-                    Ok(marker) if marker.epoch >= read.marker.epoch => read.marker = marker,
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(partition, offset, "{e}"),
-                }
-                continue;
-            }
-            let kept = decoded.and_then(|r| {
-                if r.workflow_name == EARLY_NAME {
-                    Early::from_record(&r).map(KeptState::Early)
-                } else {
-                    Persisted::from_record(&r).map(|p| KeptState::Workflow(Box::new(p)))
-                }
-            });
-            match kept {
-                Ok(KeptState::Early(early))
-                    if early.signals.iter().all(|s| s.signal.workflow_id == key) =>
-                {
-                    let kept = Kept {
-                        epoch,
-                        offset,
-                        overwritten_by_zombie: false,
-                        state: KeptState::Early(early),
-                    };
-                    read.latest.insert(key, kept);
-                }
-                Ok(KeptState::Workflow(persisted)) if persisted.instance.workflow_id == key => {
-                    let kept = Kept {
-                        epoch,
-                        offset,
-                        overwritten_by_zombie: false,
-                        state: KeptState::Workflow(persisted),
-                    };
-                    read.latest.insert(key, kept);
-                }
-                Ok(_) => tracing::error!(
-                    partition,
-                    offset,
-                    "skipping a changelog record whose state names another workflow than its key {key}"
-                ),
-                Err(e) => tracing::error!(
-                    partition,
-                    offset,
-                    "skipping an unreadable changelog record of {key}: {e}"
-                ),
-            }
+/// Records read per chunk while restoring.
+const RESTORE_CHUNK: usize = 1_000;
+
+/// Reads the changelog of `partition` from the beginning, keeping the winning record of each key.
+async fn read_changelog(
+    kafka: &Kafka,
+    codec: &Codec,
+    topics: &Topics,
+    partition: i32,
+) -> anyhow::Result<Read> {
+    let mut chunks =
+        kafka.stream_to_end(&topics.state(), partition, Offset::Beginning, RESTORE_CHUNK);
+    let give_up_at = Instant::now() + RESTORE_REGISTRY_BOUND;
+    let mut read = Read::default();
+    while let Some(chunk) = chunks.recv().await {
+        for record in chunk? {
+            read.records += 1;
+            read_record(codec, partition, record, give_up_at, &mut read).await?;
         }
-        Ok(read)
     }
+    Ok(read)
+}
 
-    /// Finds which outbox events reached the events topic; marks the outboxes with something missing for
-    /// production (adding them to `changed`) and clears the rest. Returns how many are re-produced.
-    async fn check_outboxes(
-        &self,
-        partition: i32,
-        state: &mut PartitionState,
-        events_low: i64,
-        changed: &mut BTreeSet<(i32, String)>,
-    ) -> anyhow::Result<usize> {
-        let pending: Vec<String> = state
-            .instances
-            .values()
-            .filter(|p| !p.outbox.commands.is_empty())
-            .map(|p| p.instance.workflow_id.clone())
-            .collect();
-        if pending.is_empty() {
-            return Ok(0);
+async fn read_record(
+    codec: &Codec,
+    partition: i32,
+    record: OwnedMessage,
+    give_up_at: Instant,
+    read: &mut Read,
+) -> anyhow::Result<()> {
+    let Some(key) = record
+        .key()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+    else {
+        return Ok(());
+    };
+    if key.starts_with(RESERVED_ID_PREFIX) && key != MARKER_KEY {
+        return Ok(());
+    }
+    read.end = read.end.max(record.offset() + 1);
+    let epoch = epoch_of(&record);
+    read.highest_epoch = read.highest_epoch.max(epoch);
+    let superseded = read.latest.get(&key).is_some_and(|k| epoch < k.epoch);
+    if epoch < read.marker.epoch || superseded {
+        read.zombies += 1;
+        if let Some(kept) = read.latest.get_mut(&key) {
+            kept.overwritten_by_zombie = true;
         }
-        // Events below the low watermark were deleted by retention: they were produced, long ago.
-        let from = pending
-            .iter()
-            .filter_map(|id| state.instances.get(id))
-            .map(|p| p.outbox.events_from)
-            .min()
-            .unwrap_or(state.events_end)
-            .max(events_low);
-        let produced: HashSet<String> = {
-            let (kafka, topic) = (self.config.kafka.clone(), self.config.topics.events());
-            tokio::task::spawn_blocking(move || {
-                kafka.read_to_end(&topic, partition, Offset::Offset(from))
-            })
-            .await??
-            .iter()
-            .filter_map(event_id_of)
-            .collect()
+        tracing::warn!(
+                partition,
+                offset = record.offset(),
+                epoch,
+                "ignoring a changelog record of {key} written by an instance that had lost the partition"
+            );
+        return Ok(());
+    }
+    let offset = record.offset();
+    if record.payload().is_none() {
+        let kept = Kept {
+            epoch,
+            offset,
+            overwritten_by_zombie: false,
+            state: KeptState::Tombstone,
         };
-        let mut replayed = 0;
-        for id in pending {
-            let Some(persisted) = state.instances.get_mut(&id) else {
-                continue;
+        read.latest.insert(key, kept);
+        return Ok(());
+    }
+    let decoded = decode_retrying::<WorkflowState>(codec, record.payload(), give_up_at)
+        .await
+        .map_err(|Stalled(e)| {
+            anyhow::anyhow!(
+                "restoring partition {partition}: the schema registry stayed unreachable: {e}"
+            )
+        })?
+        .map_err(|e| e.to_string());
+    if key == MARKER_KEY {
+        match decoded.and_then(|r| Marker::from_record(&r)) {
+            Ok(marker) if marker.epoch >= read.marker.epoch => read.marker = marker,
+            Ok(_) => {}
+            Err(e) => tracing::error!(partition, offset, "{e}"),
+        }
+        return Ok(());
+    }
+    let kept = decoded.and_then(|r| {
+        if r.workflow_name == EARLY_NAME {
+            Early::from_record(&r).map(KeptState::Early)
+        } else {
+            Persisted::from_record(&r).map(|p| KeptState::Workflow(Box::new(p)))
+        }
+    });
+    match kept {
+        Ok(KeptState::Early(early))
+            if early.signals.iter().all(|s| s.signal.workflow_id == key) =>
+        {
+            let kept = Kept {
+                epoch,
+                offset,
+                overwritten_by_zombie: false,
+                state: KeptState::Early(early),
             };
-            if persisted.outbox.events_from < events_low {
-                persisted.outbox.commands.clear();
-                continue;
-            }
-            let missing = persisted.outbox.commands.iter().any(|c| match c {
+            read.latest.insert(key, kept);
+        }
+        Ok(KeptState::Workflow(persisted)) if persisted.instance.workflow_id == key => {
+            let kept = Kept {
+                epoch,
+                offset,
+                overwritten_by_zombie: false,
+                state: KeptState::Workflow(persisted),
+            };
+            read.latest.insert(key, kept);
+        }
+        Ok(_) => tracing::error!(
+            partition,
+            offset,
+            "skipping a changelog record whose state names another workflow than its key {key}"
+        ),
+        Err(e) => tracing::error!(
+            partition,
+            offset,
+            "skipping an unreadable changelog record of {key}: {e}"
+        ),
+    }
+    Ok(())
+}
+
+/// Finds which outbox events reached the events topic; marks the outboxes with something missing for
+/// production (adding them to `changed`) and clears the rest. Returns how many are re-produced.
+async fn check_outboxes(
+    kafka: &Kafka,
+    topics: &Topics,
+    partition: i32,
+    state: &mut PartitionState,
+    events_low: i64,
+    changed: &mut BTreeSet<(i32, String)>,
+) -> anyhow::Result<usize> {
+    let pending: Vec<String> = state
+        .instances
+        .values()
+        .filter(|p| !p.outbox.commands.is_empty())
+        .map(|p| p.instance.workflow_id.clone())
+        .collect();
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    // Events below the low watermark were deleted by retention: they were produced, long ago.
+    let from = pending
+        .iter()
+        .filter_map(|id| state.instances.get(id))
+        .map(|p| p.outbox.events_from)
+        .min()
+        .unwrap_or(state.events_end)
+        .max(events_low);
+    let produced: HashSet<String> = {
+        let (kafka, topic) = (kafka.clone(), topics.events());
+        tokio::task::spawn_blocking(move || {
+            kafka.read_to_end(&topic, partition, Offset::Offset(from))
+        })
+        .await??
+        .iter()
+        .filter_map(event_id_of)
+        .collect()
+    };
+    let mut replayed = 0;
+    for id in pending {
+        let Some(persisted) = state.instances.get_mut(&id) else {
+            continue;
+        };
+        if persisted.outbox.events_from < events_low {
+            persisted.outbox.commands.clear();
+            continue;
+        }
+        let missing = persisted.outbox.commands.iter().any(|c| match c {
+            Command::Emit(e) => !produced.contains(&e.event_id),
+            _ => false,
+        });
+        if missing {
+            // Produce the whole outbox minus the events already there; duplicate tasks are harmless.
+            persisted.outbox.commands.retain(|c| match c {
                 Command::Emit(e) => !produced.contains(&e.event_id),
-                _ => false,
+                _ => true,
             });
-            if missing {
-                // Produce the whole outbox minus the events already there; duplicate tasks are harmless.
-                persisted.outbox.commands.retain(|c| match c {
-                    Command::Emit(e) => !produced.contains(&e.event_id),
-                    _ => true,
-                });
-                replayed += 1;
-                changed.insert((partition, id));
-            } else {
-                persisted.outbox.commands.clear();
-            }
+            replayed += 1;
+            changed.insert((partition, id));
+        } else {
+            persisted.outbox.commands.clear();
         }
-        Ok(replayed)
     }
+    Ok(replayed)
 }
 
 fn epoch_of(message: &OwnedMessage) -> u64 {
