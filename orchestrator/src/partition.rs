@@ -36,32 +36,59 @@ pub struct Marker {
 
 impl Marker {
     pub fn to_record(&self, now: Millis) -> WorkflowState {
-        WorkflowState {
-            workflow_id: MARKER_KEY.into(),
-            workflow_name: MARKER_KEY.into(),
-            workflow_version: 0,
-            status: WorkflowStatus::Running,
-            input: "null".into(),
-            output: None,
-            error: None,
-            correlation_id: None,
-            sequence: i64::try_from(self.epoch).unwrap_or(i64::MAX),
-            created_at: now,
-            updated_at: now,
-            engine_state_version: ENGINE_STATE_VERSION,
-            engine_state: serde_json::json!({ "marker": self }).to_string(),
-        }
+        let epoch = i64::try_from(self.epoch).unwrap_or(i64::MAX);
+        internal_record(MARKER_KEY, MARKER_KEY, epoch, now, now, ("marker", self))
     }
 
     pub fn from_record(record: &WorkflowState) -> Result<Marker, String> {
-        #[derive(Deserialize)]
-        struct Wrapper {
-            marker: Marker,
-        }
-        serde_json::from_str::<Wrapper>(&record.engine_state)
-            .map(|w| w.marker)
-            .map_err(|e| format!("the partition marker is unreadable: {e}"))
+        internal_state(record, "marker")
     }
+}
+
+/// A changelog record of edow's own (a partition marker, early signals) in the `WorkflowState` contract, its
+/// content under `field` of `engine_state`.
+fn internal_record(
+    key: &str,
+    name: &str,
+    sequence: i64,
+    created_at: Millis,
+    now: Millis,
+    (field, content): (&str, &impl Serialize),
+) -> WorkflowState {
+    WorkflowState {
+        workflow_id: key.into(),
+        workflow_name: name.into(),
+        workflow_version: 0,
+        status: WorkflowStatus::Running,
+        input: "null".into(),
+        output: None,
+        error: None,
+        correlation_id: None,
+        sequence,
+        created_at,
+        updated_at: now,
+        engine_state_version: ENGINE_STATE_VERSION,
+        engine_state: serde_json::json!({ field: content }).to_string(),
+    }
+}
+
+/// The content under `field` of an internal record's `engine_state`.
+fn internal_state<T: serde::de::DeserializeOwned>(
+    record: &WorkflowState,
+    field: &str,
+) -> Result<T, String> {
+    let mut state: Value = serde_json::from_str(&record.engine_state).map_err(|e| {
+        format!(
+            "the {field} record of {} is unreadable: {e}",
+            record.workflow_id
+        )
+    })?;
+    serde_json::from_value(state[field].take()).map_err(|e| {
+        format!(
+            "the {field} record of {} is unreadable: {e}",
+            record.workflow_id
+        )
+    })
 }
 
 /// `workflow_name` of a changelog record that holds early signals instead of a workflow (see [`Early`]).
@@ -90,36 +117,18 @@ impl Early {
     }
 
     pub fn to_record(&self, workflow_id: &str, now: Millis) -> WorkflowState {
-        WorkflowState {
-            workflow_id: workflow_id.into(),
-            workflow_name: EARLY_NAME.into(),
-            workflow_version: 0,
-            status: WorkflowStatus::Running,
-            input: "null".into(),
-            output: None,
-            error: None,
-            correlation_id: None,
-            sequence: 0,
-            created_at: self.first_at,
-            updated_at: now,
-            engine_state_version: ENGINE_STATE_VERSION,
-            engine_state: serde_json::json!({ "early": self }).to_string(),
-        }
+        internal_record(
+            workflow_id,
+            EARLY_NAME,
+            0,
+            self.first_at,
+            now,
+            ("early", self),
+        )
     }
 
     pub fn from_record(record: &WorkflowState) -> Result<Early, String> {
-        #[derive(Deserialize)]
-        struct Wrapper {
-            early: Early,
-        }
-        serde_json::from_str::<Wrapper>(&record.engine_state)
-            .map(|w| w.early)
-            .map_err(|e| {
-                format!(
-                    "the early signals of {} are unreadable: {e}",
-                    record.workflow_id
-                )
-            })
+        internal_state(record, "early")
     }
 }
 
@@ -431,6 +440,37 @@ mod tests {
             record.engine_state = text;
             assert!(Persisted::from_record(&record).is_err());
         }
+    }
+
+    #[test]
+    fn markers_and_early_signals_read_back_and_are_not_workflows() {
+        let marker = Marker {
+            epoch: 7,
+            outboxes_done_below: 123,
+        };
+        let record = marker.to_record(5);
+        assert_eq!(Marker::from_record(&record).unwrap(), marker);
+        assert!(Persisted::from_record(&record).is_err());
+        let early = Early {
+            first_at: 3,
+            signals: vec![EarlySignal {
+                partition: 1,
+                offset: 9,
+                signal: WorkflowSignal {
+                    signal_id: "s-1".into(),
+                    workflow_id: "w-9".into(),
+                    kind: edow_schemas::contracts::SignalKind::Cancel,
+                    name: None,
+                    payload: "\"stop\"".into(),
+                    correlation_id: None,
+                    sent_at: 2,
+                },
+            }],
+        };
+        let record = early.to_record("w-9", 5);
+        assert_eq!(record.workflow_name, EARLY_NAME);
+        assert_eq!(Early::from_record(&record).unwrap(), early);
+        assert!(Persisted::from_record(&record).is_err());
     }
 
     #[test]

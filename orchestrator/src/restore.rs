@@ -301,24 +301,18 @@ async fn read_record(
             Persisted::from_record(&r).map(|p| KeptState::Workflow(Box::new(p)))
         }
     });
+    let belongs = match &kept {
+        Ok(KeptState::Early(early)) => early.signals.iter().all(|s| s.signal.workflow_id == key),
+        Ok(KeptState::Workflow(persisted)) => persisted.instance.workflow_id == key,
+        _ => false,
+    };
     match kept {
-        Ok(KeptState::Early(early))
-            if early.signals.iter().all(|s| s.signal.workflow_id == key) =>
-        {
+        Ok(state) if belongs => {
             let kept = Kept {
                 epoch,
                 offset,
                 overwritten_by_zombie: false,
-                state: KeptState::Early(early),
-            };
-            read.latest.insert(key, kept);
-        }
-        Ok(KeptState::Workflow(persisted)) if persisted.instance.workflow_id == key => {
-            let kept = Kept {
-                epoch,
-                offset,
-                overwritten_by_zombie: false,
-                state: KeptState::Workflow(persisted),
+                state,
             };
             read.latest.insert(key, kept);
         }
