@@ -316,7 +316,9 @@ async fn deploy(
             &[Outgoing {
                 topic: topic.clone(),
                 partition: Some(0),
-                key: format!("{}:{version}", definition.name).into_bytes(),
+                // A key of its own per deploy: compaction keeps the last record of a key, so racing deploys under
+                // one key could leave the loser. Readers take the first record of a name and version.
+                key: format!("{}:{version}:{}", definition.name, claim_id()).into_bytes(),
                 payload: Some(payload),
                 headers: Vec::new(),
             }],
@@ -341,6 +343,13 @@ async fn deploy(
     )
 }
 
+/// A claim id unique to this deploy attempt: time, process and a counter.
+fn claim_id() -> String {
+    static ATTEMPTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let attempt = ATTEMPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:x}-{:x}-{attempt}", now_millis(), std::process::id())
+}
+
 /// What the definitions topic holds, first record of each key winning, as the orchestrators read it.
 struct DeployedCatalog {
     /// (name, version) -> (offset of the first record, its source)
@@ -356,11 +365,15 @@ impl DeployedCatalog {
         let mut versions = BTreeMap::new();
         for record in &records {
             // Versions are taken by key, so a record that no longer decodes still holds its version.
+            // `name:version`, or `name:version:claim` since deploys claim keys of their own.
             let Some((name, version)) = record
                 .key()
                 .and_then(|k| std::str::from_utf8(k).ok())
-                .and_then(|k| k.rsplit_once(':'))
-                .and_then(|(n, v)| Some((n.to_string(), v.parse::<i32>().ok()?)))
+                .map(|k| k.split(':'))
+                .and_then(|mut parts| {
+                    let name = parts.next()?.to_string();
+                    Some((name, parts.next()?.parse::<i32>().ok()?))
+                })
             else {
                 continue;
             };
@@ -416,7 +429,8 @@ impl DeployedCatalog {
         }
         children.insert(definition.name.clone(), definition.child_workflows());
         let mut path = vec![definition.name.clone()];
-        if let Some(cycle) = find_cycle(&children, &mut path) {
+        let mut explored = std::collections::HashSet::new();
+        if let Some(cycle) = find_cycle(&children, &mut path, &mut explored) {
             bail!(
                 "{} would start a cycle of child workflows without end: {}; break the chain before deploying",
                 definition.name,
@@ -427,10 +441,12 @@ impl DeployedCatalog {
     }
 }
 
-/// A path from `path[0]` back to itself through `children`, if any.
+/// A path from `path[0]` back to itself through `children`, if any. Each definition is explored once
+/// (`explored` holds those from which no path leads back), so a wide, layered catalog takes linear time.
 fn find_cycle(
     children: &BTreeMap<String, Vec<String>>,
     path: &mut Vec<String>,
+    explored: &mut std::collections::HashSet<String>,
 ) -> Option<Vec<String>> {
     let last = path.last()?.clone();
     for child in children.get(&last).into_iter().flatten() {
@@ -439,15 +455,16 @@ fn find_cycle(
             cycle.push(child.clone());
             return Some(cycle);
         }
-        if path.contains(child) {
+        if path.contains(child) || explored.contains(child) {
             continue;
         }
         path.push(child.clone());
-        if let Some(cycle) = find_cycle(children, path) {
+        if let Some(cycle) = find_cycle(children, path, explored) {
             return Some(cycle);
         }
         path.pop();
     }
+    explored.insert(last);
     None
 }
 
@@ -617,5 +634,45 @@ async fn watch(
         if event.kind.ends_workflow() {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(edges: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
+        edges
+            .iter()
+            .map(|(from, to)| (from.to_string(), to.iter().map(|t| t.to_string()).collect()))
+            .collect()
+    }
+
+    fn cycle_from(children: &BTreeMap<String, Vec<String>>, start: &str) -> Option<Vec<String>> {
+        let mut explored = std::collections::HashSet::new();
+        find_cycle(children, &mut vec![start.to_string()], &mut explored)
+    }
+
+    #[test]
+    fn a_chain_of_children_back_to_the_start_is_a_cycle() {
+        let children = graph(&[("a", &["b"]), ("b", &["c", "d"]), ("d", &["a"])]);
+        assert_eq!(cycle_from(&children, "a").unwrap(), ["a", "b", "d", "a"]);
+        assert_eq!(cycle_from(&children, "c"), None);
+    }
+
+    #[test]
+    fn a_wide_layered_catalog_is_searched_in_linear_time() {
+        // 60 layers of two definitions, each starting both of the next layer: 2^60 paths, 120 nodes.
+        let mut children = BTreeMap::new();
+        for layer in 0..60 {
+            let next = vec![format!("l{}a", layer + 1), format!("l{}b", layer + 1)];
+            children.insert(format!("l{layer}a"), next.clone());
+            children.insert(format!("l{layer}b"), next);
+        }
+        children.insert(
+            "start".to_string(),
+            vec!["l0a".to_string(), "l0b".to_string()],
+        );
+        assert_eq!(cycle_from(&children, "start"), None);
     }
 }

@@ -28,6 +28,8 @@ pub struct Definition {
     pub steps: Vec<Step>,
     /// Most elements a map step of this definition may iterate over (from the [`Limits`] it was parsed with).
     pub max_map_items: usize,
+    /// Largest JSON value a step may produce or be given (from the [`Limits`] it was parsed with).
+    pub max_payload_bytes: usize,
     /// Deepest chain of child workflows an instance of this definition may be part of.
     pub max_child_depth: u32,
     by_name: BTreeMap<String, Step>,
@@ -887,6 +889,7 @@ impl Definition {
             output,
             steps,
             max_map_items: limits.max_map_items,
+            max_payload_bytes: limits.max_payload_bytes,
             max_child_depth: limits.max_child_depth,
             by_name,
         })

@@ -12,8 +12,67 @@
 use jmespath::ast::Ast;
 use serde_json::Value;
 
+/// Longest expression accepted, in bytes.
+pub const MAX_EXPRESSION_BYTES: usize = 1024;
+/// Deepest nesting of brackets and `!` accepted in an expression.
+pub const MAX_EXPRESSION_NESTING: usize = 32;
+/// Most operators (`.`, `|`, `&`, `[`, `(`, `{`, `,`, comparisons) in one expression. The parser recurses per
+/// chained operator: measured, about 250 overflow a 2 MiB stack in a debug build.
+pub const MAX_EXPRESSION_OPERATORS: usize = 100;
+
+/// Refuses expressions whose size could exhaust the parser's stack (it recurses per nesting level and per
+/// chained operator) before they reach it.
+fn check_shape(expression: &str) -> Result<(), String> {
+    if expression.len() > MAX_EXPRESSION_BYTES {
+        return Err(format!(
+            "the expression is {} bytes; at most {MAX_EXPRESSION_BYTES} are accepted",
+            expression.len()
+        ));
+    }
+    let (mut depth, mut deepest, mut negations, mut operators) = (0usize, 0usize, 0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in expression.chars() {
+        if let Some(q) = quote {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                _ if c == q => quote = None,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' | '`' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            '!' => negations += 1,
+            _ => {}
+        }
+        if matches!(c, '.' | '|' | '&' | '[' | '(' | '{' | ',' | '<' | '>' | '=') {
+            operators += 1;
+        }
+    }
+    if operators > MAX_EXPRESSION_OPERATORS {
+        return Err(format!(
+            "the expression has {operators} operators; at most {MAX_EXPRESSION_OPERATORS} are accepted"
+        ));
+    }
+    if deepest + negations > MAX_EXPRESSION_NESTING {
+        return Err(format!(
+            "the expression nests brackets and negations {} deep; at most {MAX_EXPRESSION_NESTING} are accepted",
+            deepest + negations
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that `expression` parses; returns the names it reads as `steps.<name>`.
 pub fn check(expression: &str) -> Result<Vec<String>, String> {
+    check_shape(expression)?;
     let compiled = jmespath::compile(expression).map_err(|e| e.to_string())?;
     let mut references = Vec::new();
     collect_step_references(compiled.as_ast(), &mut references);
@@ -24,6 +83,7 @@ pub fn check(expression: &str) -> Result<Vec<String>, String> {
 
 /// Evaluates `expression` against `context`.
 pub fn eval(expression: &str, context: &Value) -> Result<Value, String> {
+    check_shape(expression)?;
     let compiled = jmespath::compile(expression).map_err(|e| e.to_string())?;
     let result = compiled
         .search(context)
@@ -115,5 +175,48 @@ mod tests {
         assert!(check("input.[").is_err());
         assert!(is_literal_true("`true`"));
         assert!(!is_literal_true("input.ok"));
+    }
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::*;
+
+    /// The parser recurses; the largest expressions accepted must parse and run on a 2 MiB stack (a tokio
+    /// worker's default) in a debug build.
+    #[test]
+    fn the_largest_accepted_expressions_fit_a_small_stack() {
+        let deep = format!("{}input{}", "(".repeat(32), ")".repeat(32));
+        let ops = MAX_EXPRESSION_OPERATORS;
+        let chain = format!("input{}", ".a".repeat(ops));
+        let pipes = format!("input{}", " | a".repeat(ops));
+        let ors = format!("input{}", "||a".repeat(ops / 2));
+        let handle = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                for expression in [deep, chain, pipes, ors] {
+                    assert!(expression.len() <= MAX_EXPRESSION_BYTES);
+                    check(&expression).unwrap();
+                    eval(&expression, &serde_json::json!({"input": {"a": 1}})).unwrap();
+                }
+            })
+            .unwrap();
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn too_long_or_too_deep_expressions_are_refused() {
+        assert!(check(&"a.".repeat(600)).unwrap_err().contains("bytes"));
+        assert!(check(&format!("a{}", ".b".repeat(101)))
+            .unwrap_err()
+            .contains("operators"));
+        assert!(check(&format!("{}a{}", "(".repeat(40), ")".repeat(40)))
+            .unwrap_err()
+            .contains("deep"));
+        assert!(check(&"!".repeat(40)).unwrap_err().contains("deep"));
+        assert!(
+            check("'((((((((((((((((((((((((((((((((((('").is_ok(),
+            "brackets in a literal do not count"
+        );
     }
 }

@@ -420,6 +420,50 @@ fn expression_failure(message: String) -> Failure {
     }
 }
 
+/// Whether `value` serialises to more than `limit` bytes of JSON; stops counting past the limit.
+pub fn json_exceeds(value: &Value, limit: usize) -> bool {
+    struct Counter {
+        left: usize,
+    }
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if buf.len() > self.left {
+                return Err(std::io::Error::other("over the limit"));
+            }
+            self.left -= buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    serde_json::to_writer(&mut Counter { left: limit }, value).is_err()
+}
+
+fn too_large(code: &str, step: &str, what: &str, limit: usize) -> Failure {
+    Failure {
+        code: code.into(),
+        message: format!(
+            "the {what} of step '{step}' is over {limit} bytes of JSON (max_payload_bytes); pass large data by \
+             reference"
+        ),
+        retryable: false,
+    }
+}
+
+/// A composite step's output (a parallel's, a map's, a merge's) over the payload limit fails the step: what the
+/// workflow carries on with stays bounded. Task outputs are checked by the driver before they get here.
+fn bounded(progress: Progress, step: &Step, limit: usize) -> Progress {
+    match progress {
+        Progress::Done(output)
+            if !matches!(step.kind, Kind::Task { .. }) && json_exceeds(&output, limit) =>
+        {
+            Progress::Failed(too_large("output_too_large", &step.name, "output", limit))
+        }
+        other => other,
+    }
+}
+
 /// `now` plus `millis`, saturating: a duration of a thousand years is a timer that never fires, not an overflow.
 fn later(now: Millis, millis: u128) -> Millis {
     now.saturating_add(Millis::try_from(millis).unwrap_or(Millis::MAX))
@@ -634,8 +678,13 @@ impl Block {
                     None => Ok(self.last.clone()),
                     Some(e) => expr::eval(e, &context(Some(&scope), &self.last, env)),
                 };
+                let limit = env.def.max_payload_bytes;
                 match input {
                     Err(message) => (None, Progress::Failed(expression_failure(message))),
+                    Ok(input) if json_exceeds(&input, limit) => {
+                        let failure = too_large("input_too_large", &step.name, "input", limit);
+                        (None, Progress::Failed(failure))
+                    }
                     Ok(input) => {
                         // Kept only where a compensation will need it: one copy less of every payload.
                         self.step_input = if step.compensate.is_some() {
@@ -652,7 +701,7 @@ impl Block {
                 }
             };
             self.current = node.map(Box::new);
-            match progress {
+            match bounded(progress, step, env.def.max_payload_bytes) {
                 Progress::Running => return Progress::Running,
                 Progress::Done(output) => self.complete_step(output, env),
                 Progress::Failed(failure) => return self.fail_step(failure, env),
@@ -728,6 +777,11 @@ impl Block {
                 item: item.as_ref(),
             };
             current.visit(visit, &scope, env)?
+        };
+        let limit = env.def.max_payload_bytes;
+        let progress = match self.steps(env.def).get(self.index) {
+            Some(step) => bounded(progress, step, limit),
+            None => progress,
         };
         Some(match progress {
             Progress::Running => Progress::Running,
@@ -1751,7 +1805,7 @@ impl Instance {
     }
 
     fn touch(&mut self, now: Millis) {
-        self.sequence += 1;
+        self.sequence = self.sequence.saturating_add(1);
         self.updated_at = now;
     }
 
@@ -1831,6 +1885,16 @@ impl Instance {
                         expr::eval(e, &context)
                     }
                 };
+                let limit = definition.max_payload_bytes;
+                let output = output.and_then(|o| {
+                    if json_exceeds(&o, limit) {
+                        Err(format!(
+                            "it is over {limit} bytes (max_payload_bytes); output_too_large"
+                        ))
+                    } else {
+                        Ok(o)
+                    }
+                });
                 match output {
                     Ok(output) => {
                         commands.extend(self.end_successfully(

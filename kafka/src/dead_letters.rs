@@ -35,6 +35,9 @@ impl Reason {
     }
 }
 
+/// Largest dead letter produced, below Kafka's default message size of 1 MB.
+pub const MAX_DEAD_LETTER_BYTES: usize = 900 * 1024;
+
 /// Builds the dead letter for `message`.
 pub fn dead_letter(message: &impl Message, reason: &Reason, service: &str) -> DeadLetter {
     let mut headers = HashMap::new();
@@ -70,7 +73,38 @@ pub async fn publish(
     letter: &DeadLetter,
 ) -> anyhow::Result<()> {
     let topic = Topics::dead_letters(&letter.origin_topic);
-    let value = codec.encode(&topic, letter).await?;
+    let mut value = codec.encode(&topic, letter).await?;
+    let kept;
+    let letter = if value.len() > MAX_DEAD_LETTER_BYTES {
+        // The original and the envelope do not fit one message: keep the facts and where the original is.
+        let mut slim = letter.clone();
+        let (key, original) = (
+            slim.key.as_ref().map_or(0, Vec::len),
+            slim.value.as_ref().map_or(0, Vec::len),
+        );
+        slim.value = None;
+        slim.headers.clear();
+        if key > 1024 {
+            slim.key = None;
+        }
+        if slim.error.len() > 4096 {
+            let mut end = 4096;
+            while !slim.error.is_char_boundary(end) {
+                end -= 1;
+            }
+            slim.error.truncate(end);
+        }
+        slim.error.push_str(&format!(
+            " [the original ({key} + {original} bytes) is too large to keep here; it stays at {}/{}@{} until \
+             that topic's retention]",
+            slim.origin_topic, slim.origin_partition, slim.origin_offset
+        ));
+        value = codec.encode(&topic, &slim).await?;
+        kept = slim;
+        &kept
+    } else {
+        letter
+    };
     let facts = [
         ("edow.dlq.origin-topic", letter.origin_topic.clone()),
         (

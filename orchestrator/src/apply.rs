@@ -39,7 +39,16 @@ impl Orchestrator {
         out: &mut BatchOutput,
     ) -> Result<(), Reason> {
         match input {
-            Input::Trigger(trigger) => self.start(partition, trigger, now, out),
+            Input::Trigger(trigger) => {
+                let parent = trigger.attributes.get(PARENT_ATTRIBUTE).cloned();
+                let child = trigger.workflow_id.clone();
+                let started = self.start(partition, trigger, now, out);
+                if let (Err(reason), Some(parent)) = (&started, parent) {
+                    // The parent waits for this child's end; a child that never starts must say so.
+                    out.refused_children.push((parent, child, reason.clone()));
+                }
+                started
+            }
             Input::Result(result) => self.apply_result(partition, result, now, out),
             Input::Signal(signal) => self.apply_signal(partition, offset, signal, now, out),
         }
@@ -53,16 +62,7 @@ impl Orchestrator {
         out: &mut BatchOutput,
     ) -> Result<(), Reason> {
         let id = &trigger.workflow_id.clone();
-        if id.is_empty() || id.len() > MAX_WORKFLOW_ID_BYTES || id.starts_with(RESERVED_ID_PREFIX) {
-            return Err(Reason::new(
-                "invalid",
-                format!(
-                    "the trigger's workflow_id must be 1 to {MAX_WORKFLOW_ID_BYTES} bytes and not start with \
-                     '{RESERVED_ID_PREFIX}'; got {} bytes",
-                    id.len()
-                ),
-            ));
-        }
+        check_workflow_id("the trigger", id)?;
         let Some(state) = self.partitions.get(&partition) else {
             return Ok(());
         };
@@ -186,6 +186,8 @@ impl Orchestrator {
         now: i64,
         out: &mut BatchOutput,
     ) -> Result<(), Reason> {
+        check_workflow_id("the result", &result.workflow_id)?;
+        check_length("the result's task_id", &result.task_id)?;
         let what = format!("result {}", result.task_id);
         let Some((mut instance, definition)) =
             self.instance_of(partition, &result.workflow_id, &what)?
@@ -216,9 +218,10 @@ impl Orchestrator {
                     message: "the worker reported a failure without an error".into(),
                     retryable: true,
                 });
+                // A worker's error text ends up in the state and in events: bounded, whatever the worker sent.
                 Outcome::Failed(Failure {
-                    code: error.code,
-                    message: error.message,
+                    code: truncated(error.code, 256),
+                    message: truncated(error.message, 8 * 1024),
                     retryable: error.retryable,
                 })
             }
@@ -240,6 +243,16 @@ impl Orchestrator {
         now: i64,
         out: &mut BatchOutput,
     ) -> Result<(), Reason> {
+        check_workflow_id("the signal", &signal.workflow_id)?;
+        check_length("the signal's signal_id", &signal.signal_id)?;
+        check_length(
+            "the signal's name",
+            signal.name.as_deref().unwrap_or_default(),
+        )?;
+        check_length(
+            "the signal's correlation_id",
+            signal.correlation_id.as_deref().unwrap_or_default(),
+        )?;
         let what = format!("signal {}", signal.signal_id);
         self.config
             .limits
@@ -301,7 +314,7 @@ impl Orchestrator {
             return Ok(true);
         }
         if early.signals.len() >= MAX_EARLY_SIGNALS
-            || early.payload_bytes() + signal.payload.len() > max_bytes
+            || early.record_bytes() + Early::signal_bytes(signal) > max_bytes
         {
             return Err(Reason::new(
                 "unknown_instance",
@@ -338,8 +351,13 @@ impl Orchestrator {
                 continue;
             };
             cancelled |= kept.signal.kind == SignalKind::Cancel && !instance.is_terminal();
-            match engine_call(|| deliver(instance, definition, &kept.signal, named, now)) {
-                Ok(more) => commands.extend(more),
+            // On a copy, as everywhere: a refused or panicking call leaves nothing half-applied.
+            let mut attempt = instance.clone();
+            match engine_call(|| deliver(&mut attempt, definition, &kept.signal, named, now)) {
+                Ok(more) => {
+                    *instance = attempt;
+                    commands.extend(more);
+                }
                 Err(e) => {
                     tracing::error!(workflow_id = %instance.workflow_id, "an early signal: {e}")
                 }
@@ -512,6 +530,49 @@ impl Orchestrator {
         state.put(Persisted { instance, outbox });
         out.changed.insert((partition, id));
     }
+}
+
+/// Refuses a workflow id that is empty, too long, or one of edow's own changelog keys.
+fn check_workflow_id(what: &str, id: &str) -> Result<(), Reason> {
+    if id.is_empty() || id.len() > MAX_WORKFLOW_ID_BYTES || id.starts_with(RESERVED_ID_PREFIX) {
+        return Err(Reason::new(
+            "invalid",
+            format!(
+                "{what}'s workflow_id must be 1 to {MAX_WORKFLOW_ID_BYTES} bytes and not start with \
+                 '{RESERVED_ID_PREFIX}'; got {} bytes",
+                id.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses an id-like field longer than a workflow id may be.
+fn check_length(what: &str, text: &str) -> Result<(), Reason> {
+    if text.len() > MAX_WORKFLOW_ID_BYTES {
+        return Err(Reason::new(
+            "too_large",
+            format!(
+                "{what} is {} bytes; at most {MAX_WORKFLOW_ID_BYTES} are accepted",
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary, saying so.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let bytes = text.len();
+        text.truncate(end);
+        text.push_str(&format!("... ({bytes} bytes in all)"));
+    }
+    text
 }
 
 /// Most signals kept for one workflow that has not started.

@@ -88,21 +88,25 @@ pub fn assigned(consumer: &InputConsumer, topic: &str) -> BTreeSet<i32> {
         .unwrap_or_default()
 }
 
-/// Moves the consumer back to `offset` of `topic`/`partition`, so a batch that could not be applied is read again.
-pub fn rewind(consumer: &InputConsumer, message: &OwnedMessage) {
+/// Moves the consumer back to `message`, so a batch that could not be applied is read again. If it cannot, the
+/// caller must not go on: a later commit would skip the inputs never applied.
+pub fn rewind(consumer: &InputConsumer, message: &OwnedMessage) -> anyhow::Result<()> {
+    use anyhow::Context;
     use rdkafka::consumer::Consumer;
     let to = rdkafka::Offset::Offset(message.offset());
-    if let Err(e) = consumer.seek(
-        message.topic(),
-        message.partition(),
-        to,
-        Duration::from_secs(5),
-    ) {
-        tracing::warn!(
-            topic = message.topic(),
-            partition = message.partition(),
-            "could not rewind to offset {}: {e}",
-            message.offset()
-        );
-    }
+    consumer
+        .seek(
+            message.topic(),
+            message.partition(),
+            to,
+            Duration::from_secs(5),
+        )
+        .with_context(|| {
+            format!(
+                "rewinding {}/{} to offset {} after a registry stall",
+                message.topic(),
+                message.partition(),
+                message.offset()
+            )
+        })
 }

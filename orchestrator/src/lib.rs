@@ -121,6 +121,8 @@ struct BatchOutput {
     /// Early signals that waited too long, to dead-letter.
     expired: Vec<partition::EarlySignal>,
     dead_letters: Vec<edow_schemas::contracts::DeadLetter>,
+    /// Child triggers that were refused: (parent id, child id, why), reported to the parent as a failed result.
+    refused_children: Vec<(String, String, Reason)>,
 }
 
 struct Orchestrator {
@@ -262,7 +264,7 @@ impl Orchestrator {
                         first_of.entry((m.topic(), m.partition())).or_insert(m);
                     }
                     for m in first_of.into_values() {
-                        consume::rewind(consumer, m);
+                        consume::rewind(consumer, m)?;
                     }
                     return Ok(());
                 }
@@ -289,16 +291,21 @@ impl Orchestrator {
         if out.changed.is_empty()
             && out.purged.is_empty()
             && out.early.is_empty()
+            && out.expired.is_empty()
             && out.dead_letters.is_empty()
             && offsets.is_empty()
         {
             return Ok(());
         }
+        // Expired early signals are dead-lettered before their tombstone is written: a crash between the two
+        // then duplicates a dead letter rather than losing a signal.
         for expired in std::mem::take(&mut out.expired) {
-            out.dead_letters.push(self.expired_letter(expired).await?);
+            let letter = self.expired_letter(expired).await?;
+            dead_letters::publish(&self.producer, &self.codec, &letter).await?;
         }
         self.produce_outputs(&out.changed, &out.purged, now).await?;
         self.produce_early(&out.early, now).await?;
+        self.report_refused_children(&out.refused_children).await?;
         for letter in &out.dead_letters {
             dead_letters::publish(&self.producer, &self.codec, letter).await?;
         }

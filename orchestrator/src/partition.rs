@@ -111,9 +111,22 @@ pub struct EarlySignal {
 }
 
 impl Early {
-    /// Bytes of payload held, for the bound per workflow.
-    pub fn payload_bytes(&self) -> usize {
-        self.signals.iter().map(|s| s.signal.payload.len()).sum()
+    /// An upper bound of the bytes one signal adds to the record (JSON escaping at most doubles text).
+    pub fn signal_bytes(signal: &WorkflowSignal) -> usize {
+        let text = signal.payload.len()
+            + signal.signal_id.len()
+            + signal.workflow_id.len()
+            + signal.name.as_ref().map_or(0, String::len)
+            + signal.correlation_id.as_ref().map_or(0, String::len);
+        2 * text + 200
+    }
+
+    /// An upper bound of the size of this record, for the bound per workflow.
+    pub fn record_bytes(&self) -> usize {
+        self.signals
+            .iter()
+            .map(|s| Early::signal_bytes(&s.signal))
+            .sum()
     }
 
     pub fn to_record(&self, workflow_id: &str, now: Millis) -> WorkflowState {
@@ -184,14 +197,16 @@ impl Persisted {
         }
     }
 
-    /// The engine's part of the record, with each payload once: the workflow input is the record's typed
-    /// `input` field, and a dispatched task's input is in the running tree.
+    /// The engine's part of the record, with each payload once: the workflow input and output are the record's
+    /// typed `input` and `output` fields, and a dispatched task's input is in the running tree.
     fn engine_state(&self) -> String {
         let Ok(mut state) = serde_json::to_value(self) else {
             return String::new();
         };
-        if let Some(input) = state.pointer_mut("/instance/input") {
-            *input = Value::Null;
+        for field in ["/instance/input", "/instance/output"] {
+            if let Some(value) = state.pointer_mut(field) {
+                *value = Value::Null;
+            }
         }
         if let Some(Value::Array(commands)) = state.pointer_mut("/outbox/commands") {
             for command in commands {
@@ -226,6 +241,13 @@ impl Persisted {
             .map_err(|e| format!("engine_state is unreadable: {e}"))?;
         persisted.instance.input = serde_json::from_str(&record.input)
             .map_err(|e| format!("the record's input is not JSON: {e}"))?;
+        persisted.instance.output = match &record.output {
+            Some(output) => Some(
+                serde_json::from_str(output)
+                    .map_err(|e| format!("the record's output is not JSON: {e}"))?,
+            ),
+            None => None,
+        };
         let instance = &persisted.instance;
         // A dispatch whose attempt no longer runs would be answered and ignored: it is dropped, not re-sent.
         persisted

@@ -73,17 +73,31 @@ impl Orchestrator {
                      keep large data out of workflow state (pass references)",
                     self.config.max_record_bytes
                 );
-                self.fail_oversized(*partition, id, &message, now);
-                match self.workflow_records(*partition, id).await? {
-                    Some(smaller) if smaller.largest().0 <= self.config.max_record_bytes => {
-                        records = smaller
+                let limit = self.config.max_record_bytes;
+                let mut shrunk = None;
+                for drastic in [false, true] {
+                    self.fail_oversized(*partition, id, &message, drastic, now);
+                    match self.workflow_records(*partition, id).await? {
+                        Some(smaller) if smaller.largest().0 <= limit => {
+                            shrunk = Some(smaller);
+                            break;
+                        }
+                        _ => {}
                     }
-                    _ => {
+                }
+                match shrunk {
+                    Some(smaller) => records = smaller,
+                    None => {
+                        // Only ids and names of absurd length get here; written it cannot be, and kept in
+                        // memory it would be retired as if it had been.
                         tracing::error!(
                             workflow_id = %id,
                             "even the failed workflow's records are over max_record_bytes; nothing is written \
-                             for it, and it will be restored as it was before this batch"
+                             for it and it is forgotten"
                         );
+                        if let Some(state) = self.partitions.get_mut(partition) {
+                            state.instances.remove(id);
+                        }
                         continue;
                     }
                 }
@@ -192,6 +206,45 @@ impl Orchestrator {
         })
     }
 
+    /// Tells each parent that its child's trigger was refused, as a failed result of the child step, so the
+    /// parent fails (or retries, compensates) instead of waiting forever.
+    pub(crate) async fn report_refused_children(
+        &self,
+        refused: &[(String, String, edow_kafka::dead_letters::Reason)],
+    ) -> anyhow::Result<()> {
+        let topic = self.config.topics.results();
+        let mut records = Vec::with_capacity(refused.len());
+        for (parent, child, reason) in refused {
+            let result = TaskResult {
+                task_id: child.clone(),
+                workflow_id: parent.clone(),
+                step: "child-workflow".into(),
+                attempt: 1,
+                status: TaskStatus::Failed,
+                output: None,
+                error: Some(TaskError {
+                    code: reason.kind.clone(),
+                    message: format!("child workflow {child} could not start: {}", reason.error),
+                    retryable: false,
+                }),
+                worker_id: "orchestrator".into(),
+                started_at: now_millis(),
+                finished_at: now_millis(),
+            };
+            records.push(Outgoing {
+                payload: Some(self.codec.encode(&topic, &result).await?),
+                topic: topic.clone(),
+                partition: None,
+                key: parent.as_bytes().to_vec(),
+                headers: Vec::new(),
+            });
+        }
+        produce_all(&self.producer, &records)
+            .await
+            .context("reporting refused children to their parents")?;
+        Ok(())
+    }
+
     /// The epoch header value of `partition`'s owner.
     pub(crate) fn epoch_of(&self, partition: i32) -> Vec<u8> {
         self.partitions
@@ -217,9 +270,12 @@ impl Orchestrator {
         })
     }
 
-    /// Fails a workflow whose records are too large: its outbox keeps the events already emitted, loses the
-    /// tasks and children it can no longer use, and gains the failure.
-    fn fail_oversized(&mut self, partition: i32, id: &str, message: &str, now: i64) {
+    /// Makes a workflow whose records are too large fit: a running one fails (its tree, with every output it
+    /// held, is dropped), its outbox loses the tasks and children it would start, and event details over
+    /// 16 KiB are replaced by their size. `drastic` also drops the input and output from the state: the record is
+    /// then a few hundred bytes, whatever the workflow carried.
+    fn fail_oversized(&mut self, partition: i32, id: &str, message: &str, drastic: bool, now: i64) {
+        const DETAIL_BYTES: usize = 16 * 1024;
         let Some(persisted) = self
             .partitions
             .get_mut(&partition)
@@ -228,16 +284,38 @@ impl Orchestrator {
             return;
         };
         tracing::error!(workflow_id = id, "failing the workflow: {message}");
-        let commands = persisted.instance.abort(
-            "state_too_large",
-            format!("state_too_large: {message}"),
-            now,
-        );
+        let reason = format!("state_too_large: {message}");
+        let commands = persisted
+            .instance
+            .abort("state_too_large", reason.clone(), now);
         persisted
             .outbox
             .commands
-            .retain(|c| matches!(c, Command::Emit(_)));
+            .retain(|c| !matches!(c, Command::Dispatch(_) | Command::StartChild { .. }));
         persisted.outbox.commands.extend(commands);
+        for command in &mut persisted.outbox.commands {
+            if let Command::Emit(event) = command {
+                if let Some(detail) = &event.detail {
+                    let bytes = detail.to_string().len();
+                    if bytes > DETAIL_BYTES {
+                        event.detail = Some(serde_json::json!({ "truncated_bytes": bytes }));
+                    }
+                }
+            }
+        }
+        if drastic {
+            let instance = &mut persisted.instance;
+            instance.input = Value::Null;
+            instance.output = None;
+            if !instance
+                .error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("state_too_large")
+            {
+                instance.error = Some(reason);
+            }
+        }
         let persisted = persisted.clone();
         if let Some(state) = self.partitions.get_mut(&partition) {
             state.put(persisted);

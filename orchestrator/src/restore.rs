@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use edow_engine::Command;
 use edow_kafka::{now_millis, produce_all, EVENT_ID_HEADER};
-use edow_schemas::contracts::WorkflowState;
+use edow_schemas::contracts::{WorkflowState, WorkflowStatus};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{Message, Offset};
@@ -45,7 +45,8 @@ struct Kept {
 }
 
 enum KeptState {
-    Workflow(Box<Persisted>),
+    /// The record as decoded; its engine state is parsed once it is known to win.
+    Workflow(Box<WorkflowState>),
     /// Signals waiting for the workflow's start.
     Early(Early),
     Tombstone,
@@ -89,13 +90,32 @@ pub(crate) async fn prepare(
     let started = Instant::now();
     let read = read_changelog(&kafka, &codec, &topics, partition).await?;
     let mut state = PartitionState {
-        epoch: read.highest_epoch.max(read.marker.epoch) + 1,
+        epoch: read.highest_epoch.max(read.marker.epoch).saturating_add(1),
         ..PartitionState::default()
     };
     let mut changed = BTreeSet::new();
-    for kept in read.latest.into_values() {
+    let mut ended = Vec::new();
+    for (key, kept) in read.latest {
         let mut persisted = match kept.state {
-            KeptState::Workflow(persisted) => *persisted,
+            KeptState::Workflow(record) => {
+                let produced = kept.offset < read.marker.outboxes_done_below;
+                if produced && !kept.overwritten_by_zombie && is_ended(record.status) {
+                    // Ended, its outbox produced: only the id is needed, for deduplication.
+                    ended.push((record.updated_at, key));
+                    continue;
+                }
+                match Persisted::from_record(&record) {
+                    Ok(persisted) => persisted,
+                    Err(e) => {
+                        tracing::error!(
+                            partition,
+                            offset = kept.offset,
+                            "skipping the changelog record of {key}: {e}"
+                        );
+                        continue;
+                    }
+                }
+            }
             KeptState::Early(early) => {
                 let id = early.signals.first().map(|s| s.signal.workflow_id.clone());
                 if let Some(id) = id {
@@ -112,6 +132,10 @@ pub(crate) async fn prepare(
             persisted.outbox.commands.clear();
         }
         state.put(persisted);
+    }
+    ended.sort();
+    for (ended_at, id) in ended {
+        state.ended.insert(id, ended_at);
     }
     let (events_low, events_end) = {
         let (kafka, topic) = (kafka.clone(), topics.events());
@@ -147,12 +171,72 @@ pub(crate) async fn prepare(
 }
 
 impl Orchestrator {
+    /// Writes the marker of a new epoch, which goes first: from here on, whatever an older owner still writes is
+    /// ignored. Another instance restoring at the same moment (one evicted mid-restore) may have picked the same
+    /// epoch; its marker would then stand between what this one read and its own. Then this one fences again,
+    /// above it. Returns the epoch taken.
+    async fn fence(
+        &self,
+        partition: i32,
+        mut epoch: u64,
+        outboxes_done_below: i64,
+        read_end: i64,
+    ) -> anyhow::Result<u64> {
+        for _ in 0..5 {
+            let marker = Marker {
+                epoch,
+                outboxes_done_below,
+            };
+            let record = self.marker_record(partition, marker, now_millis()).await?;
+            let written = produce_all(&self.producer, &[record])
+                .await
+                .context("writing the partition marker")?;
+            let ours = written.first().map_or(i64::MAX, |(_, offset)| *offset);
+            let between = {
+                let (kafka, topic) = (self.config.kafka.clone(), self.config.topics.state());
+                tokio::task::spawn_blocking(move || {
+                    kafka.read_to_end(&topic, partition, Offset::Offset(read_end))
+                })
+                .await??
+            };
+            let mut rival = None;
+            for record in between.iter().filter(|r| r.offset() < ours) {
+                if record.key() != Some(MARKER_KEY.as_bytes()) {
+                    continue;
+                }
+                if let Ok(Ok(other)) = self
+                    .codec
+                    .decode::<WorkflowState>(record.payload())
+                    .await
+                    .map(|r| Marker::from_record(&r))
+                {
+                    rival = rival.max(Some(other.epoch));
+                }
+            }
+            match rival {
+                Some(theirs) if theirs >= epoch => {
+                    tracing::warn!(
+                        partition,
+                        epoch,
+                        theirs,
+                        "another instance fenced this partition at the same time; fencing above it"
+                    );
+                    epoch = theirs.saturating_add(1);
+                }
+                _ => return Ok(epoch),
+            }
+        }
+        anyhow::bail!(
+            "partition {partition}: could not take an epoch above racing instances in 5 tries"
+        )
+    }
+
     /// Takes a prepared partition: fences it with a new epoch, re-produces what a crash left unproduced, records
     /// that every outbox read is produced, and keeps the state.
     pub(crate) async fn take_over(&mut self, prepared: Prepared) -> anyhow::Result<()> {
         let Prepared {
             partition,
-            state,
+            mut state,
             changed,
             read_end,
             marker,
@@ -161,17 +245,11 @@ impl Orchestrator {
             records,
             started,
         } = prepared;
-        // The new epoch's marker goes first: from here on, whatever an older owner still writes is ignored.
         let now = now_millis();
-        let fence = Marker {
-            epoch: state.epoch,
-            outboxes_done_below: marker.outboxes_done_below,
-        };
-        let fence = self.marker_record(partition, fence, now).await?;
-        produce_all(&self.producer, &[fence])
-            .await
-            .context("writing the partition marker")?;
-        let epoch = state.epoch;
+        let epoch = self
+            .fence(partition, state.epoch, marker.outboxes_done_below, read_end)
+            .await?;
+        state.epoch = epoch;
         self.partitions.insert(partition, state);
         self.produce_outputs(&changed, &[], now).await?;
         // Every outbox read is produced now; the next restore starts its check after them.
@@ -186,13 +264,15 @@ impl Orchestrator {
         let Some(state) = self.partitions.get_mut(&partition) else {
             return Ok(());
         };
-        let ended: Vec<String> = state
+        // Oldest end first: the index forgets (and purges) from its front.
+        let mut ended: Vec<(i64, String)> = state
             .instances
             .values()
             .filter(|p| p.instance.is_terminal())
-            .map(|p| p.instance.workflow_id.clone())
+            .map(|p| (p.instance.updated_at, p.instance.workflow_id.clone()))
             .collect();
-        for id in &ended {
+        ended.sort();
+        for (_, id) in &ended {
             state.retire(id);
         }
         tracing::info!(
@@ -252,7 +332,6 @@ async fn read_record(
     }
     read.end = read.end.max(record.offset() + 1);
     let epoch = epoch_of(&record);
-    read.highest_epoch = read.highest_epoch.max(epoch);
     let superseded = read.latest.get(&key).is_some_and(|k| epoch < k.epoch);
     if epoch < read.marker.epoch || superseded {
         read.zombies += 1;
@@ -288,26 +367,33 @@ async fn read_record(
         .map_err(|e| e.to_string());
     if key == MARKER_KEY {
         match decoded.and_then(|r| Marker::from_record(&r)) {
-            Ok(marker) if marker.epoch >= read.marker.epoch => read.marker = marker,
-            Ok(_) => {}
+            Ok(marker) => {
+                // Epochs count only from records that decode: a garbage header cannot move fencing.
+                read.highest_epoch = read.highest_epoch.max(epoch).max(marker.epoch);
+                if marker.epoch >= read.marker.epoch {
+                    read.marker = marker;
+                }
+            }
             Err(e) => tracing::error!(partition, offset, "{e}"),
         }
         return Ok(());
     }
+    // The engine state is parsed only for the records that win (see `prepare`): most are superseded.
     let kept = decoded.and_then(|r| {
         if r.workflow_name == EARLY_NAME {
             Early::from_record(&r).map(KeptState::Early)
         } else {
-            Persisted::from_record(&r).map(|p| KeptState::Workflow(Box::new(p)))
+            Ok(KeptState::Workflow(Box::new(r)))
         }
     });
     let belongs = match &kept {
         Ok(KeptState::Early(early)) => early.signals.iter().all(|s| s.signal.workflow_id == key),
-        Ok(KeptState::Workflow(persisted)) => persisted.instance.workflow_id == key,
+        Ok(KeptState::Workflow(record)) => record.workflow_id == key,
         _ => false,
     };
     match kept {
         Ok(state) if belongs => {
+            read.highest_epoch = read.highest_epoch.max(epoch);
             let kept = Kept {
                 epoch,
                 offset,
@@ -393,6 +479,18 @@ async fn check_outboxes(
         }
     }
     Ok(replayed)
+}
+
+fn is_ended(status: WorkflowStatus) -> bool {
+    matches!(
+        status,
+        WorkflowStatus::Completed
+            | WorkflowStatus::Failed
+            | WorkflowStatus::Cancelled
+            | WorkflowStatus::Compensated
+            | WorkflowStatus::CompensationFailed
+            | WorkflowStatus::Filtered
+    )
 }
 
 fn epoch_of(message: &OwnedMessage) -> u64 {
