@@ -311,6 +311,10 @@ impl Orchestrator {
         }
         for (partition, id) in &out.changed {
             if let Some(state) = self.partitions.get_mut(partition) {
+                // Produced: the outbox is needed only in the changelog now, for a crash; memory keeps none.
+                if let Some(persisted) = state.instances.get_mut(id) {
+                    persisted.outbox.commands = Vec::new();
+                }
                 state.retire(id);
             }
         }
