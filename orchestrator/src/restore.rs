@@ -252,6 +252,13 @@ impl Orchestrator {
         state.epoch = epoch;
         self.partitions.insert(partition, state);
         self.produce_outputs(&changed, &[], now).await?;
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            for (_, id) in &changed {
+                if let Some(persisted) = state.instances.get_mut(id) {
+                    persisted.outbox.commands = Vec::new();
+                }
+            }
+        }
         // Every outbox read is produced now; the next restore starts its check after them.
         let checked = Marker {
             epoch,
