@@ -135,6 +135,7 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     );
     cluster.deploy("name: manual\nsteps:\n  - { name: op, task: manual.op }\n");
     cluster.deploy("name: waiter\nsteps:\n  - { name: w, wait: { signal: go } }\n");
+    cluster.deploy("name: orphan\nsteps:\n  - { name: kid, workflow: { name: never-deployed } }\n");
     cluster.deploy(
         "name: hoard\nsteps:\n  - { name: a, task: hoard.echo }\n  - { name: b, task: hoard.echo }\n  - { name: c, task: hoard.echo }\n  - { name: d, task: hoard.echo }\n",
     );
@@ -325,6 +326,16 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
                 .await
                 .unwrap(),
         ),
+        record(
+            &triggers,
+            "orphan-1",
+            codec
+                .encode(&triggers, &trigger("orphan-1", "orphan", "{}".into()))
+                .await
+                .unwrap(),
+        ),
+        // Nearly a broker message: its dead letter cannot hold it whole.
+        record(&triggers, "huge-garbage", vec![b'g'; 950 * 1024]),
     ];
     let producer = cluster.kafka.producer().unwrap();
     produce_all(&producer, &bad_triggers).await.unwrap();
@@ -386,9 +397,10 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     .await
     .unwrap();
 
-    // Everything ends: the 100 good ones, the three bad ones that started (map, manual, hoard), the early two.
+    // Everything ends: the 100 good ones, the four bad ones that started (map, manual, hoard, orphan), the early
+    // two.
     events
-        .until(Duration::from_secs(120), |seen| ended(seen) >= GOOD + 5)
+        .until(Duration::from_secs(120), |seen| ended(seen) >= GOOD + 6)
         .await;
     let of = |id: &str| -> Vec<LifecycleKind> {
         events
@@ -445,6 +457,11 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
         manual.contains("output_too_large") && manual.contains("max_payload_bytes"),
         "{manual}"
     );
+    let orphan = failure("orphan-1");
+    assert!(
+        orphan.contains("could not start") && orphan.contains("never-deployed"),
+        "{orphan}"
+    );
     let hoard = failure("hoard-1");
     assert!(
         hoard.contains("state_too_large") && hoard.contains("max_record_bytes"),
@@ -467,6 +484,8 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
             "garbage-trigger",
             "unknown-wf",
             "__edow.forged",
+            "orphan-1/kid",
+            "huge-garbage",
         ],
     )
     .await;
@@ -480,6 +499,11 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     assert_eq!(reason("garbage-trigger").0, "unknown_schema");
     assert_eq!(reason("unknown-wf").0, "unknown_workflow");
     assert_eq!(reason("__edow.forged").0, "invalid");
+    assert_eq!(reason("orphan-1/kid").0, "unknown_workflow");
+    let (kind, error) = reason("huge-garbage");
+    assert_eq!(kind, "not_framed");
+    assert!(error.contains("too large to keep here"), "{error}");
+    assert!(letters["huge-garbage"].value.is_none());
     let letters = dead_letters(&cluster, &results, &["garbage-result"]).await;
     assert_eq!(letters["garbage-result"].error_kind, "not_framed");
     let letters = dead_letters(&cluster, &signals, &["garbage-signal", "good-1"]).await;

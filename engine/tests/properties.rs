@@ -459,3 +459,38 @@ fn a_child_nested_past_the_limit_fails_and_reports_to_its_parent() {
         Command::ReportToParent { parent_id, outcome: Outcome::Failed(f), .. } if parent_id == "p" && f.code == "too_deep"));
     assert!(reported, "{commands:?}");
 }
+
+#[test]
+fn a_composite_output_over_the_payload_limit_fails_its_step() {
+    let def = Definition::parse_with_limits(
+        "fan.yaml",
+        "name: fan\nsteps:\n  - name: both\n    parallel:\n      branches:\n        - { name: l, steps: [{ name: a, task: t.a }] }\n        - { name: r, steps: [{ name: b, task: t.b }] }\n",
+        &edow_engine::Limits { max_payload_bytes: 1_000, ..Default::default() },
+    )
+    .unwrap();
+    let start = Start {
+        workflow_id: "f1".into(),
+        workflow_version: 1,
+        input: json!({}),
+        correlation_id: None,
+        priority: 0,
+        parent: None,
+        depth: 0,
+    };
+    let (mut instance, _) = Instance::start(&def, start, 0);
+    let big = json!("x".repeat(600));
+    for task in ["f1/a/1", "f1/b/1"] {
+        let outcome = TaskOutcome {
+            task_id: task.into(),
+            outcome: Outcome::Completed(big.clone()),
+        };
+        instance.on_result(&def, outcome, 1).unwrap();
+    }
+    assert!(instance.is_terminal());
+    let error = instance.error.clone().unwrap();
+    assert!(
+        error.contains("step 'both'") && error.contains("max_payload_bytes"),
+        "{error}"
+    );
+    assert!(instance.output.is_none());
+}
