@@ -450,16 +450,30 @@ async fn check_outboxes(
         .min()
         .unwrap_or(state.events_end)
         .max(events_low);
-    let produced: HashSet<String> = {
-        let (kafka, topic) = (kafka.clone(), topics.events());
-        tokio::task::spawn_blocking(move || {
-            kafka.read_to_end(&topic, partition, Offset::Offset(from))
-        })
-        .await??
-        .iter()
-        .filter_map(event_id_of)
-        .collect()
-    };
+    // (workflow id, event id) of what is there, for the pending workflows only: ids are matched under their
+    // record's key, so one workflow's id can never stand for another's. Streamed: payloads are not kept.
+    let wanted: HashSet<&str> = pending.iter().map(String::as_str).collect();
+    let mut produced: HashSet<(String, String)> = HashSet::new();
+    let mut chunks = kafka.stream_to_end(
+        &topics.events(),
+        partition,
+        Offset::Offset(from),
+        RESTORE_CHUNK,
+    );
+    while let Some(chunk) = chunks.recv().await {
+        for record in chunk? {
+            let Some(key) = record.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                continue;
+            };
+            if wanted.contains(key) {
+                if let Some(event_id) = event_id_of(&record) {
+                    produced.insert((key.to_string(), event_id));
+                }
+            }
+        }
+    }
+    let is_produced =
+        |id: &str, event_id: &str| produced.contains(&(id.to_string(), event_id.to_string()));
     let mut replayed = 0;
     for id in pending {
         let Some(persisted) = state.instances.get_mut(&id) else {
@@ -470,13 +484,13 @@ async fn check_outboxes(
             continue;
         }
         let missing = persisted.outbox.commands.iter().any(|c| match c {
-            Command::Emit(e) => !produced.contains(&e.event_id),
+            Command::Emit(e) => !is_produced(&id, &e.event_id),
             _ => false,
         });
         if missing {
             // Produce the whole outbox minus the events already there; duplicate tasks are harmless.
             persisted.outbox.commands.retain(|c| match c {
-                Command::Emit(e) => !produced.contains(&e.event_id),
+                Command::Emit(e) => !is_produced(&id, &e.event_id),
                 _ => true,
             });
             replayed += 1;
