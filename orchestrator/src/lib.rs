@@ -43,6 +43,19 @@ use partition::PartitionState;
 
 const SERVICE: &str = "orchestrator";
 
+/// How often freed memory is handed back to the operating system.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+
+/// Hands freed heap pages back to the operating system. glibc keeps them after a burst (a restore, a purge of
+/// ended workflows), so without this the process's memory would follow its high-water mark, not what it holds.
+fn trim_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Trigger attribute naming the parent of a child workflow.
 pub const PARENT_ATTRIBUTE: &str = "edow.parent";
 /// Trigger attribute: how many ancestors a child workflow has.
@@ -180,13 +193,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         task_topics: HashSet::new(),
     };
     tokio::pin!(shutdown);
+    let mut last_trim = Instant::now();
     loop {
         let (tick, max_batch) = (orchestrator.config.tick, orchestrator.config.max_batch);
         let batch = tokio::select! {
             _ = &mut shutdown => break,
             batch = consume::collect_batch(&consumer, tick, max_batch) => batch,
         };
-        orchestrator.handle_rebalances(&consumer).await?;
+        if orchestrator.handle_rebalances(&consumer).await? || last_trim.elapsed() > TRIM_EVERY {
+            trim_memory();
+            last_trim = Instant::now();
+        }
         orchestrator.process(&consumer, batch).await?;
     }
     tracing::info!("shutting down: leaving the consumer group");
@@ -197,8 +214,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 impl Orchestrator {
     /// Forgets revoked partitions and restores newly assigned ones from the changelog; the partitions of one
     /// assignment are read concurrently, then taken over one by one.
-    async fn handle_rebalances(&mut self, consumer: &InputConsumer) -> anyhow::Result<()> {
-        for (assigned, partitions) in consumer.context().take() {
+    async fn handle_rebalances(&mut self, consumer: &InputConsumer) -> anyhow::Result<bool> {
+        let changes = consumer.context().take();
+        let changed = !changes.is_empty();
+        for (assigned, partitions) in changes {
             if !assigned {
                 for partition in partitions {
                     self.forget(partition, "revoked");
@@ -220,7 +239,7 @@ impl Orchestrator {
                 self.take_over(read??).await?;
             }
         }
-        Ok(())
+        Ok(changed)
     }
 
     fn forget(&mut self, partition: i32, why: &str) {

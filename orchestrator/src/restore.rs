@@ -45,6 +45,8 @@ struct Kept {
 }
 
 enum KeptState {
+    /// The record's bytes, decoded once it is known to win.
+    Raw(Vec<u8>),
     /// The record as decoded; its engine state is parsed once it is known to win.
     Workflow(Box<WorkflowState>),
     /// Signals waiting for the workflow's start.
@@ -89,13 +91,21 @@ pub(crate) async fn prepare(
 ) -> anyhow::Result<Prepared> {
     let started = Instant::now();
     let read = read_changelog(&kafka, &codec, &topics, partition).await?;
-    let mut state = PartitionState {
-        epoch: read.highest_epoch.max(read.marker.epoch).saturating_add(1),
-        ..PartitionState::default()
-    };
+    let mut state = PartitionState::default();
     let mut changed = BTreeSet::new();
     let mut ended = Vec::new();
-    for (key, kept) in read.latest {
+    let give_up_at = Instant::now() + RESTORE_REGISTRY_BOUND;
+    let mut highest_epoch = read.highest_epoch;
+    for (key, mut kept) in read.latest {
+        if let KeptState::Raw(payload) = &kept.state {
+            match decode_winner(&codec, partition, &key, &kept, payload, give_up_at).await? {
+                Some(decoded) => kept.state = decoded,
+                None => continue,
+            }
+        }
+        if !matches!(kept.state, KeptState::Tombstone) {
+            highest_epoch = highest_epoch.max(kept.epoch);
+        }
         let mut persisted = match kept.state {
             KeptState::Workflow(record) => {
                 let produced = kept.offset < read.marker.outboxes_done_below;
@@ -123,7 +133,7 @@ pub(crate) async fn prepare(
                 }
                 continue;
             }
-            KeptState::Tombstone => continue,
+            KeptState::Tombstone | KeptState::Raw(_) => continue,
         };
         if kept.overwritten_by_zombie {
             changed.insert((partition, persisted.instance.workflow_id.clone()));
@@ -133,6 +143,7 @@ pub(crate) async fn prepare(
         }
         state.put(persisted);
     }
+    state.epoch = highest_epoch.max(read.marker.epoch).saturating_add(1);
     ended.sort();
     for (ended_at, id) in ended {
         state.ended.insert(id, ended_at);
@@ -364,63 +375,94 @@ async fn read_record(
         read.latest.insert(key, kept);
         return Ok(());
     }
-    let decoded = decode_retrying::<WorkflowState>(codec, record.payload(), give_up_at)
+    if key != MARKER_KEY {
+        // Decoded once it is known to win (see `prepare`): most records are superseded by a later one. A value
+        // that is not even framed would shadow the good record before it: skipped here already.
+        let payload = record.payload().map(<[u8]>::to_vec).unwrap_or_default();
+        if edow_schemas::codec::schema_id(&payload).is_none() {
+            tracing::error!(
+                partition,
+                offset,
+                "skipping a changelog record of {key} that is not Avro"
+            );
+            return Ok(());
+        }
+        let kept = Kept {
+            epoch,
+            offset,
+            overwritten_by_zombie: false,
+            state: KeptState::Raw(payload),
+        };
+        read.latest.insert(key, kept);
+        return Ok(());
+    }
+    let decoded = decode_state(codec, partition, record.payload(), give_up_at).await?;
+    match decoded.and_then(|r| Marker::from_record(&r)) {
+        Ok(marker) => {
+            // Epochs count only from records that decode: a garbage header cannot move fencing.
+            read.highest_epoch = read.highest_epoch.max(epoch).max(marker.epoch);
+            if marker.epoch >= read.marker.epoch {
+                read.marker = marker;
+            }
+        }
+        Err(e) => tracing::error!(partition, offset, "{e}"),
+    }
+    Ok(())
+}
+
+/// Decodes a changelog value, waiting a bounded time for the registry.
+async fn decode_state(
+    codec: &Codec,
+    partition: i32,
+    payload: Option<&[u8]>,
+    give_up_at: Instant,
+) -> anyhow::Result<Result<WorkflowState, String>> {
+    Ok(decode_retrying::<WorkflowState>(codec, payload, give_up_at)
         .await
         .map_err(|Stalled(e)| {
             anyhow::anyhow!(
                 "restoring partition {partition}: the schema registry stayed unreachable: {e}"
             )
         })?
-        .map_err(|e| e.to_string());
-    if key == MARKER_KEY {
-        match decoded.and_then(|r| Marker::from_record(&r)) {
-            Ok(marker) => {
-                // Epochs count only from records that decode: a garbage header cannot move fencing.
-                read.highest_epoch = read.highest_epoch.max(epoch).max(marker.epoch);
-                if marker.epoch >= read.marker.epoch {
-                    read.marker = marker;
-                }
-            }
-            Err(e) => tracing::error!(partition, offset, "{e}"),
-        }
-        return Ok(());
-    }
-    // The engine state is parsed only for the records that win (see `prepare`): most are superseded.
-    let kept = decoded.and_then(|r| {
+        .map_err(|e| e.to_string()))
+}
+
+/// Decodes the winning record of `key`: a workflow, early signals, or (unreadable, or naming another key) nothing.
+async fn decode_winner(
+    codec: &Codec,
+    partition: i32,
+    key: &str,
+    kept: &Kept,
+    payload: &[u8],
+    give_up_at: Instant,
+) -> anyhow::Result<Option<KeptState>> {
+    let decoded = decode_state(codec, partition, Some(payload), give_up_at).await?;
+    let state = decoded.and_then(|r| {
         if r.workflow_name == EARLY_NAME {
             Early::from_record(&r).map(KeptState::Early)
         } else {
             Ok(KeptState::Workflow(Box::new(r)))
         }
     });
-    let belongs = match &kept {
+    let belongs = match &state {
         Ok(KeptState::Early(early)) => early.signals.iter().all(|s| s.signal.workflow_id == key),
         Ok(KeptState::Workflow(record)) => record.workflow_id == key,
         _ => false,
     };
-    match kept {
-        Ok(state) if belongs => {
-            read.highest_epoch = read.highest_epoch.max(epoch);
-            let kept = Kept {
-                epoch,
-                offset,
-                overwritten_by_zombie: false,
-                state,
-            };
-            read.latest.insert(key, kept);
-        }
+    match state {
+        Ok(state) if belongs => return Ok(Some(state)),
         Ok(_) => tracing::error!(
             partition,
-            offset,
+            offset = kept.offset,
             "skipping a changelog record whose state names another workflow than its key {key}"
         ),
         Err(e) => tracing::error!(
             partition,
-            offset,
+            offset = kept.offset,
             "skipping an unreadable changelog record of {key}: {e}"
         ),
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Finds which outbox events reached the events topic; marks the outboxes with something missing for
