@@ -4,7 +4,7 @@
 //! order per partition, never above an unfinished task), and on revocation commits what its partitions finished
 //! synchronously before the group moves them, then forgets them. It also runs the shutdown sequence.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -131,7 +131,8 @@ struct Flow {
     /// Woken by every task that ends, so the loop can start queued work and resume partitions.
     finished: Arc<Notify>,
     queued: VecDeque<Queued>,
-    paused: bool,
+    /// Partitions this worker paused and has not resumed yet.
+    paused: BTreeSet<(String, i32)>,
 }
 
 /// Runs until `signal`; then drains for up to `grace`, commits what finished and leaves the group.
@@ -150,7 +151,7 @@ pub async fn run(
         concurrency,
         finished: Arc::new(Notify::new()),
         queued: VecDeque::new(),
-        paused: false,
+        paused: BTreeSet::new(),
     };
     let mut tick = tokio::time::interval(COMMIT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -175,7 +176,7 @@ impl Flow {
     fn take(&mut self, msg: Result<BorrowedMessage<'_>, KafkaError>) {
         match msg {
             Ok(msg) => {
-                if self.paused {
+                if !self.paused.is_empty() {
                     tracing::debug!(
                         topic = msg.topic(),
                         partition = msg.partition(),
@@ -212,24 +213,52 @@ impl Flow {
     }
 
     /// Pauses every assigned partition while no permit is free (new assignments included), resumes when one is.
+    /// What was paused is remembered by name: librdkafka keeps a partition paused by the application across
+    /// revocation and reassignment, so resuming only the current assignment could leave a partition paused for
+    /// ever once it comes back.
     fn backpressure(&mut self, consumer: &TaskConsumer) {
         let saturated = self.permits.available_permits() == 0 || !self.queued.is_empty();
         let reassigned = consumer.context().assigned.swap(false, Ordering::SeqCst);
-        if saturated && (!self.paused || reassigned) {
-            match consumer.assignment().and_then(|a| consumer.pause(&a)) {
-                Ok(()) => {
-                    if !self.paused {
-                        tracing::debug!("all permits busy: partitions paused");
+        if saturated && (self.paused.is_empty() || reassigned) {
+            let paused = consumer.assignment().and_then(|a| {
+                consumer.pause(&a)?;
+                Ok(a)
+            });
+            match paused {
+                Ok(list) => {
+                    if self.paused.is_empty() {
+                        tracing::debug!(
+                            count = list.count(),
+                            "all permits busy: partitions paused"
+                        );
                     }
-                    self.paused = true;
+                    self.paused.extend(
+                        list.elements()
+                            .iter()
+                            .map(|e| (e.topic().to_string(), e.partition())),
+                    );
                 }
                 Err(e) => tracing::warn!("pausing partitions: {e}"),
             }
-        } else if !saturated && self.paused {
-            match consumer.assignment().and_then(|a| consumer.resume(&a)) {
+        } else if !saturated && !self.paused.is_empty() {
+            let resumed = consumer.assignment().and_then(|assigned| {
+                let mut all = self.paused.clone();
+                all.extend(
+                    assigned
+                        .elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition())),
+                );
+                let mut list = TopicPartitionList::new();
+                for (topic, partition) in &all {
+                    list.add_partition(topic, *partition);
+                }
+                consumer.resume(&list)
+            });
+            match resumed {
                 Ok(()) => {
                     tracing::debug!("a permit is free: partitions resumed");
-                    self.paused = false;
+                    self.paused.clear();
                 }
                 Err(e) => tracing::warn!("resuming partitions: {e}"),
             }
