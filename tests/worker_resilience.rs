@@ -1,8 +1,9 @@
 //! The worker under adverse conditions, end to end: results that cannot be published for a while (the registry
-//! gone mid-run) are published once it is back and every workflow completes without restarting the worker; an
-//! output over the limit fails its step without retry; a full worker with a slow handler stays in its group
-//! (it polls while paused); and records that are garbage, of an unknown schema, not JSON, or whose output
-//! overflows the limit through `exec` never stall the worker.
+//! gone mid-run) are published once it is back and every workflow completes without restarting the worker; a
+//! broker frozen under a saturated worker (assignment lost, publishes abandoned, partitions paused) loses no
+//! workflow; an output over the limit fails its step without retry; a full worker with a slow handler stays in
+//! its group (it polls while paused); and records that are garbage, of an unknown schema, not JSON, or whose
+//! output overflows the limit through `exec` never stall the worker.
 
 mod common;
 
@@ -431,4 +432,74 @@ async fn garbage_unknown_non_json_and_overflowing_task_records_never_stall_the_w
     );
     eprintln!("5 task records (3 poison, one 0.9 MB through exec:cat) answered and committed in {elapsed:?}");
     drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_frozen_under_a_saturated_worker_loses_no_workflow() {
+    const N: usize = 24;
+    let mut cluster = Cluster::start();
+    let _orchestrator = cluster.orchestrator();
+    cluster.wait_for_topics();
+    cluster.deploy(
+        "name: steps\nsteps:\n  - { name: one, task: work.op }\n  - { name: two, task: work.op }\n",
+    );
+    let mut worker = worker(
+        &cluster,
+        "w1",
+        &["work.op=sleep:2s"],
+        &["--concurrency", "8"],
+    );
+    let pid = worker.process().pid();
+    wait_for_log(&worker, "partitions assigned", Duration::from_secs(60)).await;
+    let workflows: Vec<(String, String)> = (0..N)
+        .map(|i| (format!("steps-{i}"), "{}".to_string()))
+        .collect();
+    cluster.start_many("steps", &workflows).await;
+    // Freeze the broker while every permit is busy: the group session expires (the assignment is lost), the
+    // running tasks' publishes fail and stop while no partition is assigned, then the partitions come back.
+    wait_for_log(&worker, "partitions paused", Duration::from_secs(60)).await;
+    let broker = cluster.broker.process().pid().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &broker])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} {broker}");
+    };
+    signal("-STOP");
+    let frozen = Instant::now();
+    wait_for_count(
+        &worker,
+        "stopped publishing the result",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal("-CONT");
+    let thawed = Instant::now();
+
+    let mut events = cluster.events();
+    events
+        .until(Duration::from_secs(120), |seen| ended(seen) >= N)
+        .await;
+    let recovered = thawed.elapsed();
+    events.drain(Duration::from_secs(1)).await;
+    assert_each_completed_once(&events, N);
+    assert!(
+        worker.process().is_running() && worker.process().pid() == pid,
+        "the same worker process answered"
+    );
+    let log = worker.log();
+    assert!(
+        log.contains("partitions revoked"),
+        "the assignment was lost:\n{log}"
+    );
+    eprintln!(
+        "broker frozen {:?} under a saturated worker ({} results abandoned on revoke, {} answered again from memory); \
+         all {N} workflows completed {recovered:?} after it thawed",
+        thawed - frozen,
+        count(&log, "stopped publishing the result"),
+        count(&log, "redelivered task already answered"),
+    );
 }
