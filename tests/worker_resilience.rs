@@ -334,7 +334,7 @@ fn task(id: &str, input: String) -> TaskRequested {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_unknown_non_json_and_overflowing_task_records_never_stall_the_worker() {
     let cluster = Cluster::start();
-    let worker = worker(
+    let mut worker = worker(
         &cluster,
         "w1",
         &["cat.op=exec:cat"],
@@ -431,7 +431,15 @@ async fn garbage_unknown_non_json_and_overflowing_task_records_never_stall_the_w
         ])
     );
     eprintln!("5 task records (3 poison, one 0.9 MB through exec:cat) answered and committed in {elapsed:?}");
-    drop(worker);
+    // And it still shuts down cleanly on SIGTERM.
+    assert!(
+        worker.process().terminate(Duration::from_secs(30)),
+        "a clean exit:\n{}",
+        worker.log()
+    );
+    assert!(worker
+        .log()
+        .contains("shutting down: finishing running tasks"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
