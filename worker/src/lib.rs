@@ -1,32 +1,38 @@
 //! The worker: joins a consumer group on the task topics of the types it serves, runs each task through its
-//! handler with bounded concurrency, publishes the result to `edow.results`, and commits a task's offset only
-//! after its result is acknowledged (and after every earlier offset of its partition), so a crash redelivers
-//! rather than loses. A task id it has already answered is answered again from memory, not run twice.
+//! handler with bounded concurrency, publishes the result to `edow.results` (retrying until the broker
+//! acknowledges it), and commits a task's offset only after its result is acknowledged (and after every earlier
+//! offset of its partition), so a crash redelivers rather than loses. A task id it has already answered is
+//! answered again from memory, not run twice.
+//!
+//! Modules, by concern: [`consume`] (the poll loop, backpressure, commits, rebalances, shutdown sequence),
+//! [`offsets`] (what may be committed, per owned partition), [`task`] (one record to one answer), [`publish`]
+//! (results and dead letters until acknowledged), [`answered`] (bounded memory of task ids), [`handlers`],
+//! [`shutdown`].
 
+pub mod answered;
+pub mod consume;
 pub mod handlers;
 pub mod offsets;
+pub mod publish;
+pub mod shutdown;
+pub mod task;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use edow_kafka::dead_letters::{self, Reason};
-use edow_kafka::{now_millis, produce_all, Kafka, Outgoing, TopicSpec};
-use edow_schemas::contracts::{TaskError, TaskRequested, TaskResult, TaskStatus};
-use edow_schemas::{Codec, Topics};
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::message::OwnedMessage;
-use rdkafka::producer::FutureProducer;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use serde_json::Value;
-use tokio::sync::{mpsc, Semaphore};
+use edow_kafka::{Kafka, TopicSpec};
+use edow_schemas::Topics;
+use rdkafka::consumer::Consumer;
 
-use handlers::{Handler, HandlerError, Task};
+use consume::{Rebalances, TaskConsumer};
+use handlers::Handler;
 use offsets::OffsetTracker;
+
+/// What `max.poll.interval.ms` exceeds the task timeout by, unless configured.
+pub const POLL_INTERVAL_MARGIN: Duration = Duration::from_secs(60);
 
 /// What a worker serves and how it reaches Kafka.
 pub struct Config {
@@ -41,71 +47,57 @@ pub struct Config {
     pub concurrency: usize,
     /// A handler running longer fails the attempt with the retryable code `timeout`.
     pub task_timeout: Duration,
+    pub limits: Limits,
+    /// The consumer's `max.poll.interval.ms`; default: the task timeout plus [`POLL_INTERVAL_MARGIN`]. The loop
+    /// polls all the time, so this only evicts a wedged worker; never below the session timeout.
+    pub max_poll_interval: Option<Duration>,
+    /// On shutdown, how long running tasks may take to finish and publish before they are abandoned.
+    pub shutdown_grace: Duration,
+    /// Longest one attempt to publish a result or dead letter may take.
+    pub publish_attempt_timeout: Duration,
     /// Partitions of topics this worker creates when missing.
     pub partitions: i32,
     pub task_partitions: i32,
     pub replication_factor: i32,
 }
 
-/// Results of tasks this worker answered recently, to answer redeliveries without running them again.
-struct Answered {
-    results: HashMap<String, TaskResult>,
-    order: VecDeque<String>,
-    running: HashSet<String>,
-    capacity: usize,
+/// Bounds on what a task brings in and what the worker keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A larger output fails the task with the non-retryable code `output_too_large`.
+    pub max_output_bytes: usize,
+    /// A larger input fails the task with `input_too_large` (and dead-letters its record).
+    pub max_input_bytes: usize,
+    /// Results remembered to answer redeliveries: at most this many ...
+    pub answered_entries: usize,
+    /// ... and this many bytes.
+    pub answered_bytes: usize,
 }
 
-impl Answered {
-    fn remember(&mut self, result: TaskResult) {
-        self.running.remove(&result.task_id);
-        if self
-            .results
-            .insert(result.task_id.clone(), result.clone())
-            .is_none()
-        {
-            self.order.push_back(result.task_id);
-            if self.order.len() > self.capacity {
-                if let Some(old) = self.order.pop_front() {
-                    self.results.remove(&old);
-                }
-            }
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_output_bytes: handlers::DEFAULT_MAX_OUTPUT_BYTES,
+            max_input_bytes: 1024 * 1024,
+            answered_entries: 100_000,
+            answered_bytes: 64 * 1024 * 1024,
         }
     }
 }
 
-struct Shared {
-    config: Config,
-    codec: Codec,
-    producer: FutureProducer,
-    answered: Mutex<Answered>,
-}
-
-/// Logs partition assignments, so an operator (and the demo) can see a worker has joined its group.
-struct LogRebalances;
-
-impl ClientContext for LogRebalances {}
-
-impl ConsumerContext for LogRebalances {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(list) => {
-                let assigned: Vec<String> = list
-                    .elements()
-                    .iter()
-                    .map(|e| format!("{}/{}", e.topic(), e.partition()))
-                    .collect();
-                tracing::info!(?assigned, "partitions assigned");
-            }
-            Rebalance::Revoke(list) => tracing::info!(count = list.count(), "partitions revoked"),
-            Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
-        }
+impl Config {
+    /// The `max.poll.interval.ms` the consumer gets.
+    pub fn max_poll_interval(&self) -> Duration {
+        self.max_poll_interval
+            .unwrap_or(self.task_timeout + POLL_INTERVAL_MARGIN)
+            .max(self.kafka.session_timeout)
+            // librdkafka's maximum.
+            .min(Duration::from_millis(86_400_000))
     }
 }
 
-/// A finished task: its partition and offset, for the commit.
-type Done = (String, i32, i64);
-
-/// Runs until `shutdown` resolves; then stops taking tasks, finishes those running, commits and leaves.
+/// Runs until `shutdown` resolves; then stops taking tasks, finishes those running (up to the grace period),
+/// commits and leaves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     anyhow::ensure!(
         !config.handlers.is_empty(),
@@ -134,227 +126,54 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     }
     config.kafka.ensure_topics(&specs).await?;
-    let consumer: StreamConsumer<LogRebalances> = config
-        .kafka
-        .group_consumer_config(&config.group)
-        .create_with_context(LogRebalances)
+    if config.limits.max_output_bytes >= publish::MAX_RECORD_BYTES {
+        tracing::warn!(
+            max_output_bytes = config.limits.max_output_bytes,
+            "outputs this large do not fit in a record; such results become output_too_large failures"
+        );
+    }
+
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let max_poll_interval = config.max_poll_interval();
+    let mut settings = config.kafka.group_consumer_config(&config.group);
+    settings.set(
+        "max.poll.interval.ms",
+        max_poll_interval.as_millis().to_string(),
+    );
+    let consumer: TaskConsumer = settings
+        .create_with_context(Rebalances::new(tracker.clone()))
         .context("creating the worker's consumer")?;
     let names: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
-    tracing::info!(worker = %config.worker_id, topics = ?subscriptions, "worker started");
+    tracing::info!(worker = %config.worker_id, topics = ?subscriptions, ?max_poll_interval, "worker started");
 
-    let concurrency = config.concurrency.max(1);
-    let shared = Arc::new(Shared {
-        codec: Codec::new(&config.registry_url)?,
-        producer: config.kafka.producer()?,
-        answered: Mutex::new(Answered {
-            results: HashMap::new(),
-            order: VecDeque::new(),
-            running: HashSet::new(),
-            capacity: 100_000,
-        }),
-        config,
-    });
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut tracker = OffsetTracker::default();
-    let mut commit_tick = tokio::time::interval(Duration::from_millis(100));
-    tokio::pin!(shutdown);
-
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = commit_tick.tick() => commit(&consumer, &mut tracker),
-            Some((topic, partition, offset)) = done_rx.recv() => tracker.complete(&topic, partition, offset),
-            permit = permits.clone().acquire_owned() => {
-                let permit = permit.expect("semaphore is never closed");
-                let msg = tokio::select! {
-                    _ = &mut shutdown => break,
-                    msg = consumer.recv() => msg,
-                };
-                let msg = match msg {
-                    Ok(msg) => msg.detach(),
-                    Err(e) => {
-                        tracing::warn!("consuming tasks: {e}");
-                        continue;
-                    }
-                };
-                tracker.start(msg.topic(), msg.partition(), msg.offset());
-                let shared = shared.clone();
-                let done = done_tx.clone();
-                tokio::spawn(async move {
-                    let position = (msg.topic().to_string(), msg.partition(), msg.offset());
-                    if let Err(e) = handle(&shared, &msg).await {
-                        // Not acknowledged: leave the offset uncommitted so the task is redelivered.
-                        tracing::error!(topic = %position.0, partition = position.1, offset = position.2, "{e:#}");
-                        return;
-                    }
-                    drop(permit);
-                    let _ = done.send(position);
-                });
-            }
-        }
-    }
-    tracing::info!("shutting down: finishing running tasks");
-    let _ = permits.acquire_many(concurrency as u32).await;
-    while let Ok((topic, partition, offset)) = done_rx.try_recv() {
-        tracker.complete(&topic, partition, offset);
-    }
-    commit(&consumer, &mut tracker);
-    consumer.unsubscribe();
-    Ok(())
-}
-
-fn commit(consumer: &StreamConsumer<LogRebalances>, tracker: &mut OffsetTracker) {
-    let ready = tracker.take_committable();
-    if ready.is_empty() {
-        return;
-    }
-    let mut list = TopicPartitionList::new();
-    for ((topic, partition), next) in &ready {
-        if list
-            .add_partition_offset(topic, *partition, Offset::Offset(*next))
-            .is_err()
-        {
-            return;
-        }
-    }
-    if let Err(e) = consumer.commit(&list, CommitMode::Async) {
-        tracing::warn!("committing offsets: {e}");
-    }
-}
-
-/// Runs one task and publishes its result (or dead-letters it). Err means nothing was acknowledged.
-async fn handle(shared: &Shared, msg: &OwnedMessage) -> anyhow::Result<()> {
-    let request: TaskRequested = loop {
-        match shared.codec.decode(msg.payload()).await {
-            Ok(request) => break request,
-            Err(e) if e.is_transient() => {
-                tracing::warn!("{e}; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => {
-                let letter = dead_letters::dead_letter(
-                    msg,
-                    &Reason::new(e.kind(), e.to_string()),
-                    &service(shared),
-                );
-                return dead_letters::publish(&shared.producer, &shared.codec, &letter).await;
-            }
-        }
-    };
-    let previous = {
-        let mut answered = shared.answered.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(result) = answered.results.get(&request.task_id) {
-            Some(Some(result.clone()))
-        } else if !answered.running.insert(request.task_id.clone()) {
-            // The same attempt is running here already; its result answers both deliveries.
-            Some(None)
-        } else {
-            None
-        }
-    };
-    let result = match previous {
-        Some(Some(result)) => {
-            tracing::info!(task_id = %request.task_id, "redelivered task already answered; publishing its result again");
-            result
-        }
-        Some(None) => return Ok(()),
-        None => run_task(shared, &request).await,
-    };
-    publish_result(shared, &result).await?;
-    shared
-        .answered
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remember(result);
-    Ok(())
-}
-
-fn service(shared: &Shared) -> String {
-    format!("worker:{}", shared.config.worker_id)
-}
-
-async fn run_task(shared: &Shared, request: &TaskRequested) -> TaskResult {
-    let started_at = now_millis();
-    tracing::debug!(task_id = %request.task_id, "task started");
-    let outcome = match shared.config.handlers.get(&request.task_type) {
-        None => Err(HandlerError::permanent(
-            "no_handler",
-            format!(
-                "worker {} has no handler for task type {}",
-                shared.config.worker_id, request.task_type
-            ),
-        )),
-        Some(handler) => match serde_json::from_str::<Value>(&request.input) {
-            Err(e) => Err(HandlerError::permanent(
-                "invalid_input",
-                format!("task input is not JSON: {e}"),
-            )),
-            Ok(input) => {
-                let task = Task {
-                    task_id: request.task_id.clone(),
-                    workflow_id: request.workflow_id.clone(),
-                    step: request.step.clone(),
-                    task_type: request.task_type.clone(),
-                    attempt: request.attempt.max(1) as u32,
-                    input,
-                };
-                match tokio::time::timeout(shared.config.task_timeout, handler.handle(task)).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => Err(HandlerError::retryable(
-                        "timeout",
-                        format!(
-                            "the handler ran longer than {:?}",
-                            shared.config.task_timeout
-                        ),
-                    )),
-                }
-            }
+    let ctx = Arc::new(task::TaskContext {
+        publisher: publish::Publisher {
+            producer: config.kafka.producer()?,
+            codecs: publish::Codecs::new(&config.registry_url)?,
+            results_topic: topics.results(),
+            attempt_timeout: config.publish_attempt_timeout,
+            max_backoff: Duration::from_secs(5),
         },
-    };
-    let (status, output, error) = match outcome {
-        Ok(output) => (TaskStatus::Completed, Some(output.to_string()), None),
-        Err(e) => {
-            tracing::info!(task_id = %request.task_id, code = %e.code, "task failed: {}", e.message);
-            (
-                TaskStatus::Failed,
-                None,
-                Some(TaskError {
-                    code: e.code,
-                    message: e.message,
-                    retryable: e.retryable,
-                }),
-            )
-        }
-    };
-    TaskResult {
-        task_id: request.task_id.clone(),
-        workflow_id: request.workflow_id.clone(),
-        step: request.step.clone(),
-        attempt: request.attempt,
-        status,
-        output,
-        error,
-        worker_id: shared.config.worker_id.clone(),
-        started_at,
-        finished_at: now_millis(),
-    }
-}
-
-async fn publish_result(shared: &Shared, result: &TaskResult) -> anyhow::Result<()> {
-    let topic = shared.config.topics.results();
-    let payload = shared.codec.encode(&topic, result).await?;
-    produce_all(
-        &shared.producer,
-        &[Outgoing {
-            topic,
-            partition: None,
-            key: result.workflow_id.as_bytes().to_vec(),
-            payload: Some(payload),
-            headers: Vec::new(),
-        }],
+        answered: answered::Answered::new(
+            config.limits.answered_entries,
+            config.limits.answered_bytes,
+        ),
+        shutdown: shutdown::Shutdown::new(),
+        worker_id: config.worker_id,
+        handlers: config.handlers,
+        task_timeout: config.task_timeout,
+        max_input_bytes: config.limits.max_input_bytes,
+        max_output_bytes: config.limits.max_output_bytes,
+    });
+    consume::run(
+        consumer,
+        ctx,
+        tracker,
+        config.concurrency.max(1),
+        config.shutdown_grace,
+        shutdown,
     )
-    .await?;
+    .await;
     Ok(())
 }

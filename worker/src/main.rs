@@ -27,18 +27,42 @@ struct Args {
     /// Longest a handler may run before the attempt fails as a retryable timeout.
     #[arg(long, env = "EDOW_TASK_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     task_timeout: Duration,
+    /// Largest task output, in bytes of JSON; a larger one fails the task with the non-retryable code
+    /// output_too_large (http and exec stop reading past it).
+    #[arg(long, env = "EDOW_MAX_OUTPUT_BYTES", default_value_t = edow_worker::handlers::DEFAULT_MAX_OUTPUT_BYTES)]
+    max_output_bytes: usize,
+    /// Largest task input; a larger one fails the task (input_too_large) and is dead-lettered.
+    #[arg(long, env = "EDOW_MAX_INPUT_BYTES", default_value_t = 1024 * 1024)]
+    max_input_bytes: usize,
+    /// The consumer's max.poll.interval.ms (default: the task timeout plus 60 s). The worker polls while tasks
+    /// run, so only a wedged worker is evicted; never below the session timeout.
+    #[arg(long, env = "EDOW_MAX_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    max_poll_interval: Option<Duration>,
+    /// On shutdown, how long running tasks may take to finish and publish before they are left to be redelivered.
+    #[arg(long, env = "EDOW_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Results remembered to answer redelivered tasks without running them again: at most this many...
+    #[arg(long, env = "EDOW_ANSWERED_MAX_ENTRIES", default_value_t = 100_000)]
+    answered_max_entries: usize,
+    /// ...taking at most this many bytes.
+    #[arg(long, env = "EDOW_ANSWERED_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    answered_max_bytes: usize,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     edow_kafka::process::init_logging();
     let args = Args::parse();
+    let limits = edow_worker::handlers::HandlerLimits {
+        timeout: args.task_timeout,
+        max_output_bytes: args.max_output_bytes,
+    };
     let mut handlers = HashMap::new();
     for spec in &args.tasks {
         let (task_type, handler) = spec.split_once('=').ok_or_else(|| {
             anyhow::anyhow!("--task {spec}: write TYPE=HANDLER, e.g. --task payment.charge=echo")
         })?;
-        let handler = edow_worker::handlers::builtin(handler, args.task_timeout)
+        let handler = edow_worker::handlers::builtin(handler, &limits)
             .map_err(|e| anyhow::anyhow!("--task {spec}: {e}"))?;
         handlers.insert(task_type.to_string(), handler);
     }
@@ -55,6 +79,15 @@ async fn main() -> anyhow::Result<()> {
         handlers,
         concurrency: args.concurrency,
         task_timeout: args.task_timeout,
+        limits: edow_worker::Limits {
+            max_output_bytes: args.max_output_bytes,
+            max_input_bytes: args.max_input_bytes,
+            answered_entries: args.answered_max_entries,
+            answered_bytes: args.answered_max_bytes,
+        },
+        max_poll_interval: args.max_poll_interval,
+        shutdown_grace: args.shutdown_grace,
+        publish_attempt_timeout: Duration::from_secs(40),
         partitions: args.cluster.partitions,
         task_partitions: args.cluster.task_partitions,
         replication_factor: args.cluster.replication_factor,

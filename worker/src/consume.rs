@@ -1,0 +1,361 @@
+//! The consume loop and the group membership it keeps: it polls the consumer all the time — pausing the assigned
+//! partitions while every permit is busy and resuming them when one frees, so a slow handler never makes the
+//! worker miss `max.poll.interval.ms` — hands records to tasks, commits finished offsets every 100 ms (async, in
+//! order per partition, never above an unfinished task), and on revocation commits what its partitions finished
+//! synchronously before the group moves them, then forgets them. It also runs the shutdown sequence.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use edow_kafka::dead_letters::Reason;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::offsets::{Lease, OffsetTracker, Position};
+use crate::publish::Stop;
+use crate::task::{self, Outcome, TaskContext};
+
+/// How often finished offsets are committed.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
+fn lock(tracker: &Mutex<OffsetTracker>) -> MutexGuard<'_, OffsetTracker> {
+    tracker.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The consumer's context: keeps the offset tracker in step with the group's assignment.
+pub struct Rebalances {
+    tracker: Arc<Mutex<OffsetTracker>>,
+    /// Set on every assignment, so that the loop pauses new partitions too while saturated.
+    assigned: AtomicBool,
+}
+
+impl Rebalances {
+    pub fn new(tracker: Arc<Mutex<OffsetTracker>>) -> Rebalances {
+        Rebalances {
+            tracker,
+            assigned: AtomicBool::new(false),
+        }
+    }
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    /// Runs before the revocation is acknowledged to the group: the last moment these offsets are ours.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let mut finished = TopicPartitionList::new();
+        {
+            let mut tracker = lock(&self.tracker);
+            for e in list.elements() {
+                if let Some(next) = tracker.revoke(e.topic(), e.partition()) {
+                    let _ = finished.add_partition_offset(
+                        e.topic(),
+                        e.partition(),
+                        Offset::Offset(next),
+                    );
+                }
+            }
+        }
+        if finished.count() > 0 {
+            if consumer.assignment_lost() {
+                // The group has already given them to someone else: committing now could move their offsets.
+                tracing::warn!(
+                    count = finished.count(),
+                    "assignment lost: not committing the revoked partitions"
+                );
+            } else if let Err(e) = consumer.commit(&finished, CommitMode::Sync) {
+                tracing::warn!("committing the offsets of revoked partitions: {e}");
+            }
+        }
+        tracing::info!(count = list.count(), "partitions revoked");
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let mut assigned = Vec::new();
+                {
+                    let mut tracker = lock(&self.tracker);
+                    for e in list.elements() {
+                        tracker.assign(e.topic(), e.partition());
+                        assigned.push(format!("{}/{}", e.topic(), e.partition()));
+                    }
+                }
+                self.assigned.store(true, Ordering::SeqCst);
+                tracing::info!(?assigned, "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!("rebalance failed: {e}"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!("committing offsets: {e}; will commit them again");
+            let mut tracker = lock(&self.tracker);
+            for e in offsets.elements() {
+                if let Offset::Offset(next) = e.offset() {
+                    tracker.commit_failed(e.topic(), e.partition(), next);
+                }
+            }
+        }
+    }
+}
+
+pub type TaskConsumer = StreamConsumer<Rebalances>;
+
+/// A record taken from the consumer, waiting for a permit.
+struct Queued {
+    msg: Arc<OwnedMessage>,
+    position: Position,
+    lease: Lease,
+}
+
+/// The loop's own state; the consumer stays apart so that a borrowed record and this can coexist.
+struct Flow {
+    ctx: Arc<TaskContext>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    permits: Arc<Semaphore>,
+    concurrency: usize,
+    /// Woken by every task that ends, so the loop can start queued work and resume partitions.
+    finished: Arc<Notify>,
+    queued: VecDeque<Queued>,
+    /// Partitions this worker paused and has not resumed yet.
+    paused: BTreeSet<(String, i32)>,
+}
+
+/// Runs until `signal`; then drains for up to `grace`, commits what finished and leaves the group.
+pub async fn run(
+    consumer: TaskConsumer,
+    ctx: Arc<TaskContext>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    concurrency: usize,
+    grace: Duration,
+    signal: impl Future<Output = ()>,
+) {
+    let mut flow = Flow {
+        ctx,
+        tracker,
+        permits: Arc::new(Semaphore::new(concurrency)),
+        concurrency,
+        finished: Arc::new(Notify::new()),
+        queued: VecDeque::new(),
+        paused: BTreeSet::new(),
+    };
+    let mut tick = tokio::time::interval(COMMIT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(signal);
+    loop {
+        flow.start_queued();
+        flow.backpressure(&consumer);
+        tokio::select! {
+            _ = &mut signal => break,
+            _ = tick.tick() => commit(&consumer, &flow.tracker, CommitMode::Async),
+            _ = flow.finished.notified() => {}
+            msg = consumer.recv() => flow.take(msg),
+        }
+    }
+    flow.drain(&consumer, grace).await;
+    commit(&consumer, &flow.tracker, CommitMode::Sync);
+    consumer.unsubscribe();
+    // Dropping the consumer closes it: the revocation callback commits anything finished since.
+}
+
+impl Flow {
+    fn take(&mut self, msg: Result<BorrowedMessage<'_>, KafkaError>) {
+        match msg {
+            Ok(msg) => {
+                if !self.paused.is_empty() {
+                    tracing::debug!(
+                        topic = msg.topic(),
+                        partition = msg.partition(),
+                        "a record arrived while paused; queued"
+                    );
+                }
+                let msg = msg.detach();
+                let (position, lease) =
+                    lock(&self.tracker).start(msg.topic(), msg.partition(), msg.offset());
+                self.queued.push_back(Queued {
+                    msg: Arc::new(msg),
+                    position,
+                    lease,
+                });
+            }
+            Err(e) => tracing::warn!("consuming tasks: {e}"),
+        }
+    }
+
+    /// Starts queued records while permits are free; drops those whose partition went elsewhere meanwhile.
+    fn start_queued(&mut self) {
+        while let Some(front) = self.queued.front() {
+            if front.lease.is_revoked() {
+                // Not started and not committed: the partition's new owner reads it again.
+                self.queued.pop_front();
+                continue;
+            }
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                break;
+            };
+            let queued = self.queued.pop_front().expect("front exists");
+            self.spawn(queued, permit);
+        }
+    }
+
+    /// Pauses every assigned partition while no permit is free (new assignments included), resumes when one is.
+    /// What was paused is remembered by name: librdkafka keeps a partition paused by the application across
+    /// revocation and reassignment, so resuming only the current assignment could leave a partition paused for
+    /// ever once it comes back.
+    fn backpressure(&mut self, consumer: &TaskConsumer) {
+        let saturated = self.permits.available_permits() == 0 || !self.queued.is_empty();
+        let reassigned = consumer.context().assigned.swap(false, Ordering::SeqCst);
+        if saturated && (self.paused.is_empty() || reassigned) {
+            let paused = consumer.assignment().and_then(|a| {
+                consumer.pause(&a)?;
+                Ok(a)
+            });
+            match paused {
+                Ok(list) => {
+                    if self.paused.is_empty() {
+                        tracing::debug!(
+                            count = list.count(),
+                            "all permits busy: partitions paused"
+                        );
+                    }
+                    self.paused.extend(
+                        list.elements()
+                            .iter()
+                            .map(|e| (e.topic().to_string(), e.partition())),
+                    );
+                }
+                Err(e) => tracing::warn!("pausing partitions: {e}"),
+            }
+        } else if !saturated && !self.paused.is_empty() {
+            let resumed = consumer.assignment().and_then(|assigned| {
+                let mut all = self.paused.clone();
+                all.extend(
+                    assigned
+                        .elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition())),
+                );
+                let mut list = TopicPartitionList::new();
+                for (topic, partition) in &all {
+                    list.add_partition(topic, *partition);
+                }
+                consumer.resume(&list)
+            });
+            match resumed {
+                Ok(()) => {
+                    tracing::debug!("a permit is free: partitions resumed");
+                    self.paused.clear();
+                }
+                Err(e) => tracing::warn!("resuming partitions: {e}"),
+            }
+        }
+    }
+
+    fn spawn(&self, queued: Queued, permit: OwnedSemaphorePermit) {
+        let (ctx, tracker, finished) = (
+            self.ctx.clone(),
+            self.tracker.clone(),
+            self.finished.clone(),
+        );
+        tokio::spawn(async move {
+            let inner = {
+                let (ctx, msg, lease) = (ctx.clone(), queued.msg.clone(), queued.lease.clone());
+                tokio::spawn(async move { task::process(&ctx, &msg, &lease).await })
+            };
+            let outcome = match inner.await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // A bug in the worker itself (a handler's panic is a failure result): dead-letter the record
+                    // so that its partition moves on, rather than leaving it uncommitted for ever.
+                    let p = &queued.position;
+                    tracing::error!(topic = %p.topic, partition = p.partition, offset = p.offset, "processing a task failed: {e}; dead-lettering it");
+                    let stop = Stop {
+                        lease: &queued.lease,
+                        shutdown: &ctx.shutdown,
+                    };
+                    let reason = Reason::new(
+                        "worker_panic",
+                        format!("the worker failed on this record: {e}"),
+                    );
+                    let service = format!("worker:{}", ctx.worker_id);
+                    ctx.publisher
+                        .dead_letter(&queued.msg, &reason, &service, &stop)
+                        .await
+                        .into()
+                }
+            };
+            if outcome == Outcome::Acknowledged {
+                lock(&tracker).complete(&queued.position);
+            }
+            drop(permit);
+            finished.notify_one();
+        });
+    }
+
+    /// Stops taking work and waits up to `grace` for running tasks (their publishes keep retrying meanwhile);
+    /// then abandons what is left, which stays uncommitted.
+    async fn drain(&mut self, consumer: &TaskConsumer, grace: Duration) {
+        self.ctx.shutdown.drain();
+        self.queued.clear();
+        if let Err(e) = consumer.assignment().and_then(|a| consumer.pause(&a)) {
+            tracing::warn!("pausing partitions: {e}");
+        }
+        let running = self.concurrency - self.permits.available_permits();
+        tracing::info!(running, "shutting down: finishing running tasks");
+        let deadline = tokio::time::sleep(grace);
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(COMMIT_INTERVAL);
+        loop {
+            tokio::select! {
+                all = self.permits.acquire_many(self.concurrency as u32) => {
+                    drop(all);
+                    break;
+                }
+                _ = &mut deadline => {
+                    let running = self.concurrency - self.permits.available_permits();
+                    tracing::warn!(running, "tasks still running after the {grace:?} shutdown grace; abandoning them (they will be redelivered)");
+                    self.ctx.shutdown.abandon();
+                    break;
+                }
+                _ = tick.tick() => commit(consumer, &self.tracker, CommitMode::Async),
+                // Keep serving the group (heartbeats, rebalances); a record still arriving is not started.
+                _ = consumer.recv() => {}
+            }
+        }
+    }
+}
+
+fn commit(consumer: &TaskConsumer, tracker: &Mutex<OffsetTracker>, mode: CommitMode) {
+    let ready = lock(tracker).take_committable();
+    if ready.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), next) in &ready {
+        if let Err(e) = list.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            tracing::warn!("committing {topic}/{partition}: {e}");
+            return;
+        }
+    }
+    if let Err(e) = consumer.commit(&list, mode) {
+        tracing::warn!("committing offsets: {e}");
+        let mut tracker = lock(tracker);
+        for ((topic, partition), next) in &ready {
+            tracker.commit_failed(topic, *partition, *next);
+        }
+    }
+}

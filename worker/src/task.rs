@@ -1,0 +1,363 @@
+//! One delivered task record, from bytes to an acknowledged answer: decode it (a record that cannot be decoded is
+//! dead-lettered), check its input (too large or not JSON: a non-retryable failure result AND a dead letter), find
+//! out whether this task id was answered or is running here, run the handler (in its own task, under the task
+//! timeout; a panic is a failure, an output over the limit is `output_too_large`) and publish the result until it
+//! is acknowledged. [`Outcome::Acknowledged`] is the only outcome whose offset may be committed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edow_kafka::dead_letters::Reason;
+use edow_kafka::now_millis;
+use edow_schemas::contracts::{TaskError, TaskRequested, TaskResult, TaskStatus};
+use rdkafka::message::OwnedMessage;
+use rdkafka::Message;
+use serde_json::Value;
+
+use crate::answered::{Answered, Begin, Finished};
+use crate::handlers::{encode_output, truncate, AbortOnDrop, Handler, HandlerError, Task};
+use crate::offsets::Lease;
+use crate::publish::{Backoff, Publisher, Stop, Stopped};
+use crate::shutdown::Shutdown;
+
+/// Longest task id, workflow id and step name together: a result must be able to carry them.
+const MAX_ID_BYTES: usize = 16 * 1024;
+/// Longest failure message kept in a result (in characters).
+const MAX_ERROR_CHARS: usize = 8 * 1024;
+
+/// What every task of a worker shares.
+pub struct TaskContext {
+    pub worker_id: String,
+    pub handlers: HashMap<String, Arc<dyn Handler>>,
+    pub task_timeout: Duration,
+    pub max_input_bytes: usize,
+    pub max_output_bytes: usize,
+    pub publisher: Publisher,
+    pub answered: Arc<Answered>,
+    pub shutdown: Shutdown,
+}
+
+impl TaskContext {
+    fn service(&self) -> String {
+        format!("worker:{}", self.worker_id)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The record's answer (a result, a dead letter, or the answer of the same task running alongside) is on the
+    /// broker: its offset may be committed.
+    Acknowledged,
+    /// Given up (partition revoked, or abandoned on shutdown): leave it uncommitted, to be redelivered.
+    Abandoned,
+}
+
+impl From<Result<(), Stopped>> for Outcome {
+    fn from(published: Result<(), Stopped>) -> Outcome {
+        match published {
+            Ok(()) => Outcome::Acknowledged,
+            Err(Stopped) => Outcome::Abandoned,
+        }
+    }
+}
+
+pub async fn process(ctx: &TaskContext, msg: &OwnedMessage, lease: &Lease) -> Outcome {
+    let stop = Stop {
+        lease,
+        shutdown: &ctx.shutdown,
+    };
+    if stop.stopped() {
+        return Outcome::Abandoned;
+    }
+    let request = match decode(ctx, msg, &stop).await {
+        Ok(Some(request)) => request,
+        Ok(None) => return Outcome::Acknowledged,
+        Err(Stopped) => return Outcome::Abandoned,
+    };
+    let id_bytes = request.task_id.len() + request.workflow_id.len() + request.step.len();
+    if id_bytes > MAX_ID_BYTES {
+        let reason = Reason::new(
+            "ids_too_long",
+            format!(
+                "the task id, workflow id and step take {id_bytes} bytes, over {MAX_ID_BYTES}: no result could carry them"
+            ),
+        );
+        return ctx
+            .publisher
+            .dead_letter(msg, &reason, &ctx.service(), &stop)
+            .await
+            .into();
+    }
+    loop {
+        match ctx.answered.begin(&request.task_id) {
+            Begin::Answered(mut result) => {
+                tracing::info!(task_id = %request.task_id, "redelivered task already answered; publishing its result again");
+                return ctx.publisher.result(&mut result, &stop).await.into();
+            }
+            Begin::Running(wait) => {
+                tracing::info!(task_id = %request.task_id, "task delivered again while running here; waiting for that attempt's result");
+                let finished = tokio::select! {
+                    finished = wait.outcome() => finished,
+                    _ = stop.wait() => return Outcome::Abandoned,
+                };
+                match finished {
+                    Some(Finished {
+                        published: true, ..
+                    }) => return Outcome::Acknowledged,
+                    Some(Finished { mut result, .. }) => {
+                        let published = ctx.publisher.result(&mut result, &stop).await;
+                        if published.is_ok() {
+                            ctx.answered.remember(result);
+                        }
+                        return published.into();
+                    }
+                    // That attempt ended without a result (it was dropped): run the task here.
+                    None => continue,
+                }
+            }
+            Begin::Start(attempt) => {
+                let (mut result, poison) = run(ctx, &request).await;
+                let published = ctx.publisher.result(&mut result, &stop).await;
+                attempt.finish(result, published.is_ok());
+                if published.is_err() {
+                    return Outcome::Abandoned;
+                }
+                return match poison {
+                    Some(reason) => ctx
+                        .publisher
+                        .dead_letter(msg, &reason, &ctx.service(), &stop)
+                        .await
+                        .into(),
+                    None => Outcome::Acknowledged,
+                };
+            }
+        }
+    }
+}
+
+/// The task request in `msg`; `None` once a record that is not one has been dead-lettered.
+async fn decode(
+    ctx: &TaskContext,
+    msg: &OwnedMessage,
+    stop: &Stop<'_>,
+) -> Result<Option<TaskRequested>, Stopped> {
+    let mut backoff = Backoff::new(ctx.publisher.max_backoff);
+    loop {
+        match ctx.publisher.codecs.current().decode(msg.payload()).await {
+            Ok(request) => return Ok(Some(request)),
+            Err(e) if e.is_transient() => {
+                if backoff.loud() {
+                    tracing::warn!(
+                        topic = msg.topic(),
+                        partition = msg.partition(),
+                        offset = msg.offset(),
+                        "decoding a task: {e}"
+                    );
+                }
+                backoff.wait(stop).await?;
+            }
+            Err(e) => {
+                let reason = Reason::new(e.kind(), e.to_string());
+                ctx.publisher
+                    .dead_letter(msg, &reason, &ctx.service(), stop)
+                    .await?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Runs the task's handler; returns its result, and a dead-letter reason when the task's input is unusable.
+pub async fn run(ctx: &TaskContext, request: &TaskRequested) -> (TaskResult, Option<Reason>) {
+    let started_at = now_millis();
+    tracing::debug!(task_id = %request.task_id, "task started");
+    let mut poison = None;
+    let outcome = match (
+        ctx.handlers.get(&request.task_type),
+        parse_input(&request.input, ctx.max_input_bytes),
+    ) {
+        (None, _) => Err(HandlerError::permanent(
+            "no_handler",
+            format!(
+                "worker {} has no handler for task type {}",
+                ctx.worker_id, request.task_type
+            ),
+        )),
+        (_, Err(e)) => {
+            poison = Some(Reason::new(e.code.clone(), e.message.clone()));
+            Err(e)
+        }
+        (Some(handler), Ok(input)) => {
+            let task = Task {
+                task_id: request.task_id.clone(),
+                workflow_id: request.workflow_id.clone(),
+                step: request.step.clone(),
+                task_type: request.task_type.clone(),
+                attempt: request.attempt.max(1) as u32,
+                input,
+            };
+            run_handler(handler.clone(), task, ctx.task_timeout).await
+        }
+    };
+    let (status, output, error) = match outcome
+        .and_then(|v| encode_output(&v, ctx.max_output_bytes))
+    {
+        Ok(output) => (TaskStatus::Completed, Some(output), None),
+        Err(e) => {
+            tracing::info!(task_id = %request.task_id, code = %e.code, "task failed: {}", e.message);
+            let error = TaskError {
+                code: e.code,
+                message: truncate(&e.message, MAX_ERROR_CHARS).to_string(),
+                retryable: e.retryable,
+            };
+            (TaskStatus::Failed, None, Some(error))
+        }
+    };
+    let result = TaskResult {
+        task_id: request.task_id.clone(),
+        workflow_id: request.workflow_id.clone(),
+        step: request.step.clone(),
+        attempt: request.attempt,
+        status,
+        output,
+        error,
+        worker_id: ctx.worker_id.clone(),
+        started_at,
+        finished_at: now_millis(),
+    };
+    (result, poison)
+}
+
+fn parse_input(input: &str, limit: usize) -> Result<Value, HandlerError> {
+    if input.len() > limit {
+        return Err(HandlerError::permanent(
+            "input_too_large",
+            format!(
+                "the task's input is {} bytes, over the worker's input limit of {limit} bytes",
+                input.len()
+            ),
+        ));
+    }
+    serde_json::from_str(input).map_err(|e| {
+        HandlerError::permanent("invalid_input", format!("task input is not JSON: {e}"))
+    })
+}
+
+/// The handler's outcome, with a panic turned into a failure and a run over `timeout` aborted.
+async fn run_handler(
+    handler: Arc<dyn Handler>,
+    task: Task,
+    timeout: Duration,
+) -> Result<Value, HandlerError> {
+    let task_type = task.task_type.clone();
+    let mut running = AbortOnDrop(tokio::spawn(async move { handler.handle(task).await }));
+    match tokio::time::timeout(timeout, &mut running.0).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) if e.is_panic() => {
+            let panic = e.into_panic();
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(HandlerError::permanent(
+                "handler_panicked",
+                format!("the {task_type} handler panicked: {text}"),
+            ))
+        }
+        Ok(Err(e)) => Err(HandlerError::retryable(
+            "handler_cancelled",
+            format!("the {task_type} handler was cancelled: {e}"),
+        )),
+        Err(_) => Err(HandlerError::retryable(
+            "timeout",
+            format!("the handler ran longer than {timeout:?}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::{HandlerFuture, DEFAULT_MAX_OUTPUT_BYTES};
+    use serde_json::json;
+
+    struct Big(usize);
+    impl Handler for Big {
+        fn handle(&self, _: Task) -> HandlerFuture {
+            let n = self.0;
+            Box::pin(async move { Ok(json!("z".repeat(n))) })
+        }
+    }
+
+    struct Panics;
+    impl Handler for Panics {
+        fn handle(&self, _: Task) -> HandlerFuture {
+            Box::pin(async move { panic!("bug in handler") })
+        }
+    }
+
+    fn task() -> Task {
+        Task {
+            task_id: "w/s/1".into(),
+            workflow_id: "w".into(),
+            step: "s".into(),
+            task_type: "t".into(),
+            attempt: 1,
+            input: json!({}),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_failure_not_a_lost_task() {
+        let err = run_handler(Arc::new(Panics), task(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code.as_str(), err.retryable),
+            ("handler_panicked", false)
+        );
+        assert!(err.message.contains("bug in handler"), "{}", err.message);
+    }
+
+    #[tokio::test]
+    async fn a_two_megabyte_output_is_output_too_large() {
+        let out = run_handler(Arc::new(Big(2_000_000)), task(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let err = encode_output(&out, DEFAULT_MAX_OUTPUT_BYTES).unwrap_err();
+        assert_eq!(
+            (err.code.as_str(), err.retryable),
+            ("output_too_large", false)
+        );
+        assert!(err.message.contains("2000002 bytes"), "{}", err.message);
+    }
+
+    #[tokio::test]
+    async fn a_slow_handler_times_out_retryably() {
+        let slow = Arc::new(crate::handlers::Sleep(Duration::from_secs(30)));
+        let started = std::time::Instant::now();
+        let err = run_handler(slow, task(), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!((err.code.as_str(), err.retryable), ("timeout", true));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unusable_inputs_fail_without_retry() {
+        let err = parse_input("{not json", 100).unwrap_err();
+        assert_eq!((err.code.as_str(), err.retryable), ("invalid_input", false));
+        let err = parse_input(&format!("\"{}\"", "a".repeat(200)), 100).unwrap_err();
+        assert_eq!(err.code, "input_too_large");
+        assert!(err.message.contains("202 bytes") && err.message.contains("100 bytes"));
+        // Deep nesting is an error, not a stack overflow.
+        let deep = "[".repeat(100_000);
+        assert_eq!(
+            parse_input(&deep, 1 << 20).unwrap_err().code,
+            "invalid_input"
+        );
+        assert_eq!(parse_input(" {\"a\":1} ", 100).unwrap(), json!({"a": 1}));
+    }
+}
