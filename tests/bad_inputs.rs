@@ -122,6 +122,8 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
             "fine.b=echo",
             "fine.c=echo",
             "hoard.echo=echo",
+            // A task whose handler answers with 2 MB of JSON (a string of spaces).
+            r#"big.out=exec:printf "%2000000s" x"#,
         ],
         16,
     );
@@ -136,6 +138,7 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     cluster.deploy("name: manual\nsteps:\n  - { name: op, task: manual.op }\n");
     cluster.deploy("name: waiter\nsteps:\n  - { name: w, wait: { signal: go } }\n");
     cluster.deploy("name: orphan\nsteps:\n  - { name: kid, workflow: { name: never-deployed } }\n");
+    cluster.deploy("name: bigout\nsteps:\n  - { name: out, task: big.out }\n");
     cluster.deploy(
         "name: hoard\nsteps:\n  - { name: a, task: hoard.echo }\n  - { name: b, task: hoard.echo }\n  - { name: c, task: hoard.echo }\n  - { name: d, task: hoard.echo }\n",
     );
@@ -328,6 +331,14 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
         ),
         record(
             &triggers,
+            "bigout-1",
+            codec
+                .encode(&triggers, &trigger("bigout-1", "bigout", "{}".into()))
+                .await
+                .unwrap(),
+        ),
+        record(
+            &triggers,
             "orphan-1",
             codec
                 .encode(&triggers, &trigger("orphan-1", "orphan", "{}".into()))
@@ -397,10 +408,10 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     .await
     .unwrap();
 
-    // Everything ends: the 100 good ones, the four bad ones that started (map, manual, hoard, orphan), the early
-    // two.
+    // Everything ends: the 100 good ones, the five bad ones that started (map, manual, hoard, orphan, bigout),
+    // the early two.
     events
-        .until(Duration::from_secs(120), |seen| ended(seen) >= GOOD + 6)
+        .until(Duration::from_secs(120), |seen| ended(seen) >= GOOD + 7)
         .await;
     let of = |id: &str| -> Vec<LifecycleKind> {
         events
@@ -457,6 +468,14 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
         manual.contains("output_too_large") && manual.contains("max_payload_bytes"),
         "{manual}"
     );
+    let bigout = failure("bigout-1");
+    assert!(bigout.contains("output_too_large"), "{bigout}");
+    let attempts = events
+        .seen
+        .iter()
+        .filter(|e| e.workflow_id == "bigout-1" && e.kind == LifecycleKind::StepStarted)
+        .count();
+    assert_eq!(attempts, 1, "an output over the limit is not retried");
     let orphan = failure("orphan-1");
     assert!(
         orphan.contains("could not start") && orphan.contains("never-deployed"),
