@@ -2,9 +2,14 @@
 //! beginning into a [`Store`]. Writes are appended and then awaited until this instance has applied them, so a
 //! write is visible to its own next read; reads before a write first append a NOOP and await it, which makes the
 //! store reflect everything any instance wrote before (Confluent's KafkaStore works the same way).
+//!
+//! Records are applied strictly in offset order with no offset skipped unless it is known to hold no record
+//! any more (see [`Sequencer`]): the first claim in log order wins, so a reader that skipped a claim would
+//! pick another winner than every other instance.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -20,6 +25,17 @@ use tokio::task::JoinHandle;
 use crate::store::{Applied, LogKey, Store};
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an offset must have been seen missing before a read that begins after that, and still finds it
+/// missing, takes it for a record compaction removed rather than one still being written. Kafka never shows
+/// an offset past one it has not stored, but nisshi's in-memory storage does: it hands out an offset before
+/// it stores the record, so a fetch can return offset N+1 while N is being written (seen under load: a few
+/// milliseconds). Kafka's compaction leaves offsets that hold nothing for good; waiting for them costs a
+/// reader that meets them this long, once, not per offset.
+const GAP_SETTLE: Duration = Duration::from_secs(3);
+/// First and longest wait before reading a gap again to see whether its record has been stored since.
+const REREAD_FIRST: Duration = Duration::from_millis(10);
+const REREAD_MAX: Duration = Duration::from_millis(500);
 
 pub struct SchemaLog {
     producer: FutureProducer,
@@ -44,24 +60,24 @@ impl SchemaLog {
             .create()
             .context("creating the registry's Kafka producer")?;
 
-        let consumer: StreamConsumer = ClientConfig::new()
+        let mut consumer_config = ClientConfig::new();
+        consumer_config
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "edow-registry-reader")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .context("creating the registry's Kafka consumer")?;
-        let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
-        consumer
-            .assign(&assignment)
-            .with_context(|| format!("assigning {topic} partition 0"))?;
+            .set("fetch.wait.max.ms", "10");
+        let reader = Reader {
+            config: consumer_config,
+            topic: topic.to_string(),
+        };
+        // The first read is started here so that a consumer that cannot be created fails `open`.
+        let consumer = reader.read_from(0)?;
 
         let store = Arc::new(RwLock::new(Store::default()));
         let (applied_tx, applied) = watch::channel(0);
-        let reader = tokio::spawn(read_forever(consumer, store.clone(), applied_tx));
+        let reader = tokio::spawn(read_forever(reader, consumer, store.clone(), applied_tx));
 
         let log = SchemaLog {
             producer,
@@ -128,31 +144,225 @@ impl Drop for SchemaLog {
     }
 }
 
+/// How to start a read of the topic's only partition.
+struct Reader {
+    config: ClientConfig,
+    topic: String,
+}
+
+impl Reader {
+    /// A consumer of its own reading from `offset`: one per read, so that no record fetched for an earlier
+    /// read can be taken for one of this read.
+    fn read_from(&self, offset: i64) -> anyhow::Result<StreamConsumer> {
+        let consumer: StreamConsumer = self
+            .config
+            .create()
+            .context("creating the registry's Kafka consumer")?;
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&self.topic, 0, Offset::Offset(offset))?;
+        consumer
+            .assign(&assignment)
+            .with_context(|| format!("assigning {} partition 0", self.topic))?;
+        Ok(consumer)
+    }
+}
+
 async fn read_forever(
-    consumer: StreamConsumer,
+    reader: Reader,
+    mut consumer: StreamConsumer,
     store: Arc<RwLock<Store>>,
     applied: watch::Sender<i64>,
 ) {
+    let mut order = Sequencer::default();
     loop {
-        match consumer.recv().await {
-            Ok(msg) => {
-                let key = msg.key().unwrap_or_default();
-                let outcome = store
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .apply(key, msg.payload());
-                match outcome {
-                    Ok(Applied::Done) => {}
-                    Ok(Applied::Lost(why)) => tracing::debug!(offset = msg.offset(), "{why}"),
-                    Err(why) => tracing::warn!(offset = msg.offset(), "{why}"),
+        loop {
+            let received = match order.reread_at() {
+                None => consumer.recv().await,
+                Some(at) => {
+                    match tokio::time::timeout_at(at.into(), consumer.recv()).await {
+                        Ok(received) => received,
+                        // Records wait behind a gap: read again from it.
+                        Err(_) => break,
+                    }
                 }
-                applied.send_replace(msg.offset() + 1);
-            }
-            Err(e) => {
-                tracing::warn!("reading the schemas topic: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            match received {
+                Ok(msg) => {
+                    let ready = order.deliver(
+                        msg.offset(),
+                        msg.key().unwrap_or_default(),
+                        msg.payload(),
+                        Instant::now(),
+                    );
+                    if ready.is_empty() {
+                        continue;
+                    }
+                    let mut store = store.write().unwrap_or_else(|e| e.into_inner());
+                    for record in ready {
+                        match store.apply(&record.key, record.value.as_deref()) {
+                            Ok(Applied::Done) => {}
+                            Ok(Applied::Lost(why)) => {
+                                tracing::debug!(offset = record.offset, "{why}")
+                            }
+                            Err(why) => tracing::warn!(offset = record.offset, "{why}"),
+                        }
+                    }
+                    drop(store);
+                    applied.send_replace(order.next());
+                }
+                Err(e) => {
+                    tracing::warn!("reading the schemas topic: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
+        let from = order.reread(Instant::now());
+        tracing::debug!(
+            offset = from,
+            "reading the schemas topic again from a gap in its offsets"
+        );
+        let next = loop {
+            match reader.read_from(from) {
+                Ok(next) => break next,
+                Err(e) => {
+                    tracing::warn!("{e:#}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        // Closing a consumer blocks until its threads have stopped.
+        let done = std::mem::replace(&mut consumer, next);
+        tokio::task::spawn_blocking(move || drop(done));
+    }
+}
+
+/// A record read from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LogRecord {
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Puts what a consumer delivers into the log's order: every offset, in order, none skipped. Pure: the
+/// caller passes the time.
+///
+/// A record delivered past an offset not delivered (a gap) waits, and the reader reads again from the gap,
+/// soon at first, then less often. An offset comes to count as holding no record (compaction removed it)
+/// only when a read that began [`GAP_SETTLE`] or more after some read first went past the offset goes past
+/// it too. The broker may show a record at N+1 while it is still storing N, and N may be the claim that wins
+/// the id the record at N+1 claims: a reader that moved past N would bind the id to the loser, and its
+/// instance would answer a client with an id that another schema won.
+#[derive(Debug, Default)]
+pub(crate) struct Sequencer {
+    /// Offset of the next record to apply: every offset below it has been applied or holds no record.
+    next: i64,
+    /// Records delivered past a gap, by offset.
+    ahead: BTreeMap<i64, LogRecord>,
+    /// When reads first went past offsets: `(end, at)` means that at `at` an offset at `end - 1` had been
+    /// delivered, and none at `end` or past it. Both rise; entries with `end <= next` are dropped.
+    passed: VecDeque<(i64, Instant)>,
+    /// When the current read began (`None`: the first read, begun with the reader), and the offset after the
+    /// last one it delivered: it went past every offset from `next` below this that `ahead` lacks.
+    read_began: Option<Instant>,
+    read_next: i64,
+}
+
+impl Sequencer {
+    /// The offset of the next record to apply.
+    pub fn next(&self) -> i64 {
+        self.next
+    }
+
+    /// Takes a record the current read delivered; returns the records that can be applied now, in order.
+    pub fn deliver(
+        &mut self,
+        offset: i64,
+        key: &[u8],
+        value: Option<&[u8]>,
+        now: Instant,
+    ) -> Vec<LogRecord> {
+        if offset >= self.next {
+            self.ahead.entry(offset).or_insert_with(|| LogRecord {
+                offset,
+                key: key.to_vec(),
+                value: value.map(<[u8]>::to_vec),
+            });
+        }
+        self.read_next = self.read_next.max(offset + 1);
+        if self.passed.back().is_none_or(|&(end, _)| end <= offset) {
+            self.passed.push_back((offset + 1, now));
+        }
+        let mut ready = Vec::new();
+        loop {
+            if let Some(record) = self.ahead.remove(&self.next) {
+                ready.push(record);
+                self.next += 1;
+                continue;
+            }
+            // Offsets this read went past and `ahead` lacks, that a read went past long enough before this
+            // one began: no record will come for them.
+            let limit = self
+                .ahead
+                .keys()
+                .next()
+                .map_or(self.read_next, |&first| first.min(self.read_next));
+            let settled = match self.read_began {
+                Some(began) => self
+                    .passed
+                    .iter()
+                    .take_while(|&&(_, at)| at + GAP_SETTLE <= began)
+                    .last()
+                    .map_or(self.next, |&(end, _)| end),
+                None => self.next,
+            };
+            let to = limit.min(settled);
+            if to <= self.next {
+                break;
+            }
+            self.next = to;
+        }
+        while self
+            .passed
+            .front()
+            .is_some_and(|&(end, _)| end <= self.next)
+        {
+            self.passed.pop_front();
+        }
+        ready
+    }
+
+    /// When to give up the current read for one from `next`, to see whether the offsets it went past hold
+    /// records by now; `None` while there is no gap, or while the current read has not gone past `next` yet
+    /// (a new consumer takes a while to deliver; giving it up before it has would never get further).
+    pub fn reread_at(&self) -> Option<Instant> {
+        if self.read_next <= self.next {
+            return None;
+        }
+        // When a read first went past `next`.
+        let since = self
+            .passed
+            .iter()
+            .find(|&&(end, _)| end > self.next)
+            .map(|&(_, at)| at)?;
+        let Some(began) = self.read_began else {
+            return Some(since + REREAD_FIRST);
+        };
+        let backoff = began
+            .saturating_duration_since(since)
+            .clamp(REREAD_FIRST, REREAD_MAX);
+        Some(
+            (began + backoff)
+                .min(since + GAP_SETTLE)
+                .max(began + REREAD_FIRST),
+        )
+    }
+
+    /// Starts a new read at `now`; returns the offset it must begin at.
+    pub fn reread(&mut self, now: Instant) -> i64 {
+        self.read_began = Some(now);
+        self.read_next = self.next;
+        self.next
     }
 }
 
@@ -190,4 +400,116 @@ async fn ensure_topic(bootstrap: &str, topic: &str, replication: i32) -> anyhow:
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offsets(records: &[LogRecord]) -> Vec<i64> {
+        records.iter().map(|r| r.offset).collect()
+    }
+
+    #[test]
+    fn a_record_delivered_past_one_still_being_written_waits_for_it() {
+        let t = Instant::now();
+        let mut order = Sequencer::default();
+        assert_eq!(offsets(&order.deliver(0, b"a", Some(b"{}"), t)), vec![0]);
+        assert_eq!(order.reread_at(), None);
+        // Offset 1 is being written; the broker already shows 2.
+        assert!(order.deliver(2, b"c", Some(b"{}"), t).is_empty());
+        assert_eq!(order.next(), 1);
+        assert_eq!(order.reread_at(), Some(t + REREAD_FIRST));
+        // Read again: 1 is stored by now and comes first. The new read is not given up before it delivers.
+        assert_eq!(order.reread(t + REREAD_FIRST), 1);
+        assert_eq!(order.reread_at(), None);
+        let ready = order.deliver(1, b"b", None, t + REREAD_FIRST);
+        assert_eq!(offsets(&ready), vec![1, 2]);
+        assert_eq!(
+            (ready[0].key.as_slice(), ready[0].value.as_deref()),
+            (&b"b"[..], None)
+        );
+        assert_eq!(order.next(), 3);
+        assert_eq!(order.reread_at(), None);
+        // The rest of the new read delivers what is already applied.
+        assert!(order
+            .deliver(2, b"c", Some(b"{}"), t + REREAD_FIRST)
+            .is_empty());
+        assert_eq!(offsets(&order.deliver(3, b"d", None, t)), vec![3]);
+    }
+
+    #[test]
+    fn offsets_compaction_emptied_are_passed_only_after_the_gap_settled() {
+        let t = Instant::now();
+        let mut order = Sequencer::default();
+        assert_eq!(offsets(&order.deliver(0, b"a", None, t)), vec![0]);
+        // 1 and 2 are gone for good (or still being written: the reader cannot tell yet).
+        assert!(order.deliver(3, b"d", None, t).is_empty());
+        assert!(order.deliver(5, b"f", None, t).is_empty());
+        // Reads again, sooner and then less often, find the gaps still there.
+        let mut now = t;
+        let mut waits = Vec::new();
+        while let Some(at) = order.reread_at() {
+            assert!(at > now, "{at:?} {now:?}");
+            waits.push(at - now);
+            now = at;
+            assert_eq!(order.reread(now), 1);
+            assert_eq!(order.reread_at(), None);
+            // A new consumer may take long to deliver; the read that began is the one that counts.
+            let ready = offsets(&order.deliver(3, b"d", None, now + Duration::from_secs(1)));
+            if now < t + GAP_SETTLE {
+                assert!(ready.is_empty(), "passed a gap after {:?}", now - t);
+                assert!(order.deliver(5, b"f", None, now).is_empty());
+            } else {
+                // Only a read begun when the gaps had been known for GAP_SETTLE passes them.
+                assert_eq!(ready, vec![3]);
+                assert_eq!(offsets(&order.deliver(5, b"f", None, now)), vec![5]);
+            }
+        }
+        assert_eq!(now, t + GAP_SETTLE);
+        assert_eq!(order.next(), 6);
+        assert_eq!(waits[0], REREAD_FIRST);
+        // Less and less often, up to REREAD_MAX; the last read is when the gaps settle.
+        let (last, before) = waits.split_last().unwrap();
+        assert!(before.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= REREAD_MAX));
+        assert!(*last <= REREAD_MAX);
+        assert!(waits.len() < 20, "{waits:?}");
+    }
+
+    #[test]
+    fn a_record_written_late_fills_its_gap_in_order() {
+        let t = Instant::now();
+        let mut order = Sequencer::default();
+        assert!(order.deliver(1, b"b", None, t).is_empty());
+        assert!(order.deliver(2, b"c", None, t).is_empty());
+        // Offset 0 takes a second to be stored; the reads before find it missing.
+        let late = t + Duration::from_secs(1);
+        while let Some(at) = order.reread_at() {
+            assert!(at < t + GAP_SETTLE);
+            assert_eq!(order.reread(at), 0);
+            let first = if at >= late { 0 } else { 1 };
+            let ready = order.deliver(first, b"x", None, at);
+            if first == 0 {
+                assert_eq!(offsets(&ready), vec![0, 1, 2]);
+            } else {
+                assert!(ready.is_empty());
+            }
+        }
+        assert_eq!(order.next(), 3);
+    }
+
+    #[test]
+    fn a_gap_a_read_began_before_it_settled_is_not_passed() {
+        let t = Instant::now();
+        let mut order = Sequencer::default();
+        assert!(order.deliver(2, b"c", None, t).is_empty());
+        // A read begun before the gap settled, long-lived: it may not pass the gap however late it delivers.
+        order.reread(t + GAP_SETTLE - Duration::from_millis(1));
+        assert!(order.deliver(2, b"c", None, t + GAP_SETTLE * 10).is_empty());
+        let at = order.reread_at().unwrap();
+        assert!(at >= t + GAP_SETTLE);
+        order.reread(at);
+        assert_eq!(offsets(&order.deliver(2, b"c", None, at)), vec![2]);
+    }
 }

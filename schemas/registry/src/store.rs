@@ -633,6 +633,77 @@ mod tests {
         );
     }
 
+    /// The interleaving that made two racing instances answer two clients with id 6 for two schemas: instance
+    /// X claimed id 6 for f11 at offset 1, instance Y claimed it for f64 at offset 2, and the broker showed
+    /// offset 2 to Y's reader while it was still storing offset 1 (nisshi hands out an offset before it stores
+    /// the record). A reader that applies records as they come skips the winning claim for good.
+    #[test]
+    fn a_reader_that_skips_a_claim_still_being_written_answers_with_another_schemas_id() {
+        let race = |i: usize| {
+            format!(
+                r#"{{"type":"record","name":"Race","namespace":"t","fields":[{{"name":"f{i}","type":["null","int"],"default":null}}]}}"#
+            )
+        };
+        let (f1, f11, f64) = (race(1), race(11), race(64));
+        let log: Log = vec![
+            claim("race-1-value", 1, 5, &f1, 0),
+            claim("race-1-value", 2, 6, &f11, 0),
+            claim("race-4-value", 1, 6, &f64, 0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, Some(v)))
+        .collect();
+        let f11 = CanonicalSchema::parse(&f11).unwrap();
+        let f64 = CanonicalSchema::parse(&f64).unwrap();
+
+        // Every instance that reads the whole log: id 6 is f11's, f64's claim lost and its writer plans again.
+        let whole = replay(&log);
+        assert_eq!(
+            whole.plan_registration("race-1-value", &f11),
+            Ok(Registration::Existing { id: 6, version: 2 })
+        );
+        assert_eq!(
+            whole.plan_registration("race-4-value", &f64),
+            Ok(Registration::New { id: 7, version: 1 })
+        );
+
+        // Y's reader as it was: offsets 0 and 2 as delivered, 1 never. Y answered its client with id 6.
+        let skipped = replay(&vec![log[0].clone(), log[2].clone()]);
+        assert_eq!(
+            skipped.plan_registration("race-4-value", &f64),
+            Ok(Registration::Existing { id: 6, version: 1 })
+        );
+
+        // Y's reader now: the records go through the log's order first. Offset 2 waits for offset 1, so Y has
+        // not read past its own claim and cannot answer; a second read finds offset 1 and Y plans again.
+        let mut order = crate::log::Sequencer::default();
+        let mut view = Store::default();
+        let t = std::time::Instant::now();
+        let deliver = |order: &mut crate::log::Sequencer, view: &mut Store, at: usize| {
+            let (k, v) = &log[at];
+            for record in order.deliver(at as i64, k, v.as_deref(), t) {
+                let _ = view.apply(&record.key, record.value.as_deref());
+            }
+        };
+        deliver(&mut order, &mut view, 0);
+        deliver(&mut order, &mut view, 2);
+        assert_eq!(order.next(), 1, "applied past a claim it has not read");
+        assert_eq!(
+            view.plan_registration("race-4-value", &f64),
+            Ok(Registration::New { id: 6, version: 1 })
+        );
+        assert!(order.reread_at().is_some());
+        assert_eq!(order.reread(t), 1);
+        deliver(&mut order, &mut view, 1);
+        deliver(&mut order, &mut view, 2);
+        assert_eq!(order.next(), 3);
+        assert_eq!(answers(&view), answers(&whole));
+        assert_eq!(
+            view.plan_registration("race-4-value", &f64),
+            Ok(Registration::New { id: 7, version: 1 })
+        );
+    }
+
     #[test]
     fn races_for_an_id_a_version_or_a_schema_are_won_by_the_first_claim() {
         let mut log: Log = Vec::new();
