@@ -1,6 +1,7 @@
-//! The consume loop and the group membership it keeps: it polls the consumer all the time — pausing the assigned
-//! partitions while every permit is busy and resuming them when one frees, so a slow handler never makes the
-//! worker miss `max.poll.interval.ms` — hands records to tasks, commits finished offsets every 100 ms (async, in
+//! The consume loop and the group membership it keeps: it polls the consumer all the time — queueing records
+//! behind busy permits, pausing the assigned partitions once a permit's worth is queued and resuming them when
+//! the queue is down to half, so a slow handler never makes the worker miss `max.poll.interval.ms` and memory
+//! stays bounded — hands records to tasks, commits finished offsets every 100 ms (async, in
 //! order per partition, never above an unfinished task), and on revocation commits what its partitions finished
 //! synchronously before the group moves them, then forgets them. It also runs the shutdown sequence.
 
@@ -8,7 +9,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edow_kafka::dead_letters::Reason;
 use rdkafka::consumer::{
@@ -25,6 +26,9 @@ use crate::task::{self, Outcome, TaskContext};
 
 /// How often finished offsets are committed.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the loop may leave records in librdkafka (not polling) while its queue is full, before it pauses
+/// the partitions to poll again; far below any `max.poll.interval.ms`.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 fn lock(tracker: &Mutex<OffsetTracker>) -> MutexGuard<'_, OffsetTracker> {
     tracker.lock().unwrap_or_else(|e| e.into_inner())
@@ -133,6 +137,8 @@ struct Flow {
     queued: VecDeque<Queued>,
     /// Partitions this worker paused and has not resumed yet.
     paused: BTreeSet<(String, i32)>,
+    /// Since when the queue has been full while nothing was paused.
+    full_since: Option<Instant>,
 }
 
 /// Runs until `signal`; then drains for up to `grace`, commits what finished and leaves the group.
@@ -152,18 +158,19 @@ pub async fn run(
         finished: Arc::new(Notify::new()),
         queued: VecDeque::new(),
         paused: BTreeSet::new(),
+        full_since: None,
     };
     let mut tick = tokio::time::interval(COMMIT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(signal);
     loop {
         flow.start_queued();
-        flow.backpressure(&consumer);
+        let receive = flow.backpressure(&consumer);
         tokio::select! {
             _ = &mut signal => break,
             _ = tick.tick() => commit(&consumer, &flow.tracker, CommitMode::Async),
             _ = flow.finished.notified() => {}
-            msg = consumer.recv() => flow.take(msg),
+            msg = consumer.recv(), if receive => flow.take(msg),
         }
     }
     flow.drain(&consumer, grace).await;
@@ -212,14 +219,30 @@ impl Flow {
         }
     }
 
-    /// Pauses every assigned partition while no permit is free (new assignments included), resumes when one is.
+    /// Flow control; returns whether to take records now. While a permit's worth of records waits (`concurrency`
+    /// queued behind busy permits) the loop takes no more and leaves them in librdkafka, which stops fetching
+    /// once its own queue is full: no pause, so nothing fetched ahead is thrown away. Only when the queue has
+    /// stayed full for [`PAUSE_AFTER`] (slow handlers) does it pause every assigned partition (new assignments
+    /// included while paused) and poll again, so that it never misses `max.poll.interval.ms`; it resumes them
+    /// once the queue is down to under half. Pausing whenever the last permit was taken and resuming whenever
+    /// one freed made every task a fetch round trip (librdkafka drops what it fetched ahead on pause and fetches
+    /// again from the last record handed over on resume): a saturated worker crawled at about a hundred tasks a
+    /// second, the partitions whose fetches answered last starved.
     /// What was paused is remembered by name: librdkafka keeps a partition paused by the application across
     /// revocation and reassignment, so resuming only the current assignment could leave a partition paused for
     /// ever once it comes back.
-    fn backpressure(&mut self, consumer: &TaskConsumer) {
-        let saturated = self.permits.available_permits() == 0 || !self.queued.is_empty();
+    fn backpressure(&mut self, consumer: &TaskConsumer) -> bool {
+        let (full, resume) = thresholds(self.concurrency);
+        let queued = self.queued.len();
         let reassigned = consumer.context().assigned.swap(false, Ordering::SeqCst);
-        if saturated && (self.paused.is_empty() || reassigned) {
+        let full_too_long = if queued >= full && self.paused.is_empty() {
+            let since = *self.full_since.get_or_insert_with(Instant::now);
+            since.elapsed() >= PAUSE_AFTER
+        } else {
+            self.full_since = None;
+            false
+        };
+        if full_too_long || !self.paused.is_empty() && reassigned && queued >= resume {
             let paused = consumer.assignment().and_then(|a| {
                 consumer.pause(&a)?;
                 Ok(a)
@@ -229,9 +252,11 @@ impl Flow {
                     if self.paused.is_empty() {
                         tracing::debug!(
                             count = list.count(),
-                            "all permits busy: partitions paused"
+                            queued,
+                            "all permits busy for {PAUSE_AFTER:?}: partitions paused"
                         );
                     }
+                    self.full_since = None;
                     self.paused.extend(
                         list.elements()
                             .iter()
@@ -240,7 +265,7 @@ impl Flow {
                 }
                 Err(e) => tracing::warn!("pausing partitions: {e}"),
             }
-        } else if !saturated && !self.paused.is_empty() {
+        } else if !self.paused.is_empty() && queued < resume {
             let resumed = consumer.assignment().and_then(|assigned| {
                 let mut all = self.paused.clone();
                 all.extend(
@@ -257,12 +282,14 @@ impl Flow {
             });
             match resumed {
                 Ok(()) => {
-                    tracing::debug!("a permit is free: partitions resumed");
+                    tracing::debug!(queued, "queue drained: partitions resumed");
                     self.paused.clear();
                 }
                 Err(e) => tracing::warn!("resuming partitions: {e}"),
             }
         }
+        // Paused, records still arrive (those fetched before the pause): take them, to keep polling.
+        self.queued.len() < full || !self.paused.is_empty()
     }
 
     fn spawn(&self, queued: Queued, permit: OwnedSemaphorePermit) {
@@ -337,6 +364,12 @@ impl Flow {
             }
         }
     }
+}
+
+/// (full at, resume below) this many queued records: a permit's worth, and half of that.
+fn thresholds(concurrency: usize) -> (usize, usize) {
+    let pause = concurrency.max(1);
+    (pause, pause.div_ceil(2))
 }
 
 fn commit(consumer: &TaskConsumer, tracker: &Mutex<OffsetTracker>, mode: CommitMode) {
