@@ -133,6 +133,20 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// An idempotent producer that librdkafka has failed for good (e.g. `OutOfOrderSequenceNumber` from the
+    /// broker) never recovers: retrying on it would hold every permit for ever. That is this process's own fault,
+    /// so it exits; a restarted worker gets a new producer and the uncommitted tasks are redelivered to it.
+    fn exit_if_fatal(&self) {
+        use rdkafka::producer::Producer;
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            tracing::error!(
+                ?code,
+                "the result producer failed for good ({reason}); exiting so that a restart recovers"
+            );
+            std::process::exit(70);
+        }
+    }
+
     /// Publishes `result` until acknowledged. When it cannot fit in a record it is replaced (in place) by a
     /// non-retryable `output_too_large` failure, which is published instead.
     pub async fn result(&self, result: &mut TaskResult, stop: &Stop<'_>) -> Result<(), Stopped> {
@@ -164,6 +178,7 @@ impl Publisher {
                 Ok(Err(Failure::Produce(e))) => e,
                 Err(_) => format!("no acknowledgement within {:?}", self.attempt_timeout),
             };
+            self.exit_if_fatal();
             if backoff.loud() {
                 tracing::warn!(task_id = %result.task_id, failures = backoff.failures + 1, "publishing the result failed, retrying: {failure}");
             }
