@@ -87,13 +87,7 @@ pub async fn publish(
         if key > 1024 {
             slim.key = None;
         }
-        if slim.error.len() > 4096 {
-            let mut end = 4096;
-            while !slim.error.is_char_boundary(end) {
-                end -= 1;
-            }
-            slim.error.truncate(end);
-        }
+        crate::truncate_utf8(&mut slim.error, 4096);
         slim.error.push_str(&format!(
             " [the original ({key} + {original} bytes) is too large to keep here; it stays at {}/{}@{} until \
              that topic's retention]",

@@ -309,31 +309,49 @@ pub struct Outgoing {
     pub headers: Vec<(&'static str, Vec<u8>)>,
 }
 
+/// `out` as an rdkafka record, borrowing its key and payload.
+pub fn future_record(out: &Outgoing) -> rdkafka::producer::FutureRecord<'_, [u8], [u8]> {
+    use rdkafka::message::{Header, OwnedHeaders};
+
+    let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
+    for (key, value) in &out.headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_slice()),
+        });
+    }
+    let mut record = rdkafka::producer::FutureRecord::to(&out.topic)
+        .key(out.key.as_slice())
+        .headers(headers);
+    if let Some(payload) = out.payload.as_deref() {
+        record = record.payload(payload);
+    }
+    if let Some(partition) = out.partition {
+        record = record.partition(partition);
+    }
+    record
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+pub fn truncate_utf8(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
 /// Produces every record, then waits for all acknowledgements; returns (partition, offset) of each, in order.
 /// Fails if any record is not acknowledged, so a caller that commits only after this loses nothing.
 pub async fn produce_all(
     producer: &FutureProducer,
     records: &[Outgoing],
 ) -> anyhow::Result<Vec<(i32, i64)>> {
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::FutureRecord;
-
     let mut pending = Vec::with_capacity(records.len());
     for out in records {
-        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
-        for (key, value) in &out.headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value.as_slice()),
-            });
-        }
-        let mut record = FutureRecord::to(&out.topic).key(&out.key).headers(headers);
-        if let Some(payload) = out.payload.as_deref() {
-            record = record.payload(payload);
-        }
-        if let Some(partition) = out.partition {
-            record = record.partition(partition);
-        }
+        let mut record = future_record(out);
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {

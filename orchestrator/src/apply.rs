@@ -564,12 +564,8 @@ fn check_length(what: &str, text: &str) -> Result<(), Reason> {
 /// `text` cut to at most `max` bytes, on a character boundary, saying so.
 fn truncated(mut text: String, max: usize) -> String {
     if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
         let bytes = text.len();
-        text.truncate(end);
+        edow_kafka::truncate_utf8(&mut text, max);
         text.push_str(&format!("... ({bytes} bytes in all)"));
     }
     text

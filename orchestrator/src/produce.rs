@@ -560,26 +560,7 @@ pub(crate) fn lifecycle_kind(kind: EventKind) -> LifecycleKind {
 
 /// Hands `record` to the producer without waiting for its acknowledgement.
 fn send_unawaited(producer: &rdkafka::producer::FutureProducer, record: &Outgoing) {
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::FutureRecord;
-
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-    for (key, value) in &record.headers {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value.as_slice()),
-        });
-    }
-    let mut future = FutureRecord::to(&record.topic)
-        .key(&record.key)
-        .headers(headers);
-    if let Some(payload) = record.payload.as_deref() {
-        future = future.payload(payload);
-    }
-    if let Some(partition) = record.partition {
-        future = future.partition(partition);
-    }
-    if let Err((e, _)) = producer.send_result(future) {
+    if let Err((e, _)) = producer.send_result(edow_kafka::future_record(record)) {
         tracing::debug!(
             "the partition marker was not queued ({e}); the next restore checks more outboxes"
         );
