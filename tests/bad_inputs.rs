@@ -42,6 +42,21 @@ fn record(topic: &str, key: &str, payload: Vec<u8>) -> Outgoing {
     }
 }
 
+/// The trigger record of `id`, a `name` workflow with `input`, keyed by its id.
+async fn trigger_record(
+    codec: &edow_schemas::Codec,
+    topic: &str,
+    id: &str,
+    name: &str,
+    input: String,
+) -> Outgoing {
+    let payload = codec
+        .encode(topic, &trigger(id, name, input))
+        .await
+        .unwrap();
+    record(topic, id, payload)
+}
+
 /// Dead letters of `topic` by record key, waiting until `keys` are all there.
 async fn dead_letters(
     cluster: &Cluster,
@@ -236,12 +251,7 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     let mut records = Vec::new();
     for (id, name) in early_triggers {
         let triggers = cluster.topics.triggers();
-        let payload = cluster
-            .codec
-            .encode(&triggers, &trigger(id, name, "{}".into()))
-            .await
-            .unwrap();
-        records.push(record(&triggers, id, payload));
+        records.push(trigger_record(&cluster.codec, &triggers, id, name, "{}".into()).await);
     }
     produce_all(&cluster.kafka.producer().unwrap(), &records)
         .await
@@ -259,92 +269,23 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(400 * 1024));
     let deep = format!("{}1{}", "[".repeat(120), "]".repeat(120));
     let items: Vec<usize> = (0..20_000).collect();
+    let map_input = serde_json::json!({ "items": items }).to_string();
     let hoard_input = format!(r#"{{"blob":"{}"}}"#, "h".repeat(200 * 1024));
     let bad_triggers = vec![
-        record(
-            &triggers,
-            "big-input",
-            codec
-                .encode(&triggers, &trigger("big-input", "fine", big))
-                .await
-                .unwrap(),
-        ),
-        record(
-            &triggers,
-            "deep-input",
-            codec
-                .encode(&triggers, &trigger("deep-input", "fine", deep))
-                .await
-                .unwrap(),
-        ),
+        trigger_record(codec, &triggers, "big-input", "fine", big).await,
+        trigger_record(codec, &triggers, "deep-input", "fine", deep).await,
         record(
             &triggers,
             "garbage-trigger",
             b"\x00\xff\xfe garbage".to_vec(),
         ),
-        record(
-            &triggers,
-            "unknown-wf",
-            codec
-                .encode(&triggers, &trigger("unknown-wf", "nope", "{}".into()))
-                .await
-                .unwrap(),
-        ),
-        record(
-            &triggers,
-            "__edow.forged",
-            codec
-                .encode(&triggers, &trigger("__edow.forged", "fine", "{}".into()))
-                .await
-                .unwrap(),
-        ),
-        record(
-            &triggers,
-            "map-20k",
-            codec
-                .encode(
-                    &triggers,
-                    &trigger(
-                        "map-20k",
-                        "bigmap",
-                        serde_json::json!({ "items": items }).to_string(),
-                    ),
-                )
-                .await
-                .unwrap(),
-        ),
-        record(
-            &triggers,
-            "manual-1",
-            codec
-                .encode(&triggers, &trigger("manual-1", "manual", "{}".into()))
-                .await
-                .unwrap(),
-        ),
-        record(
-            &triggers,
-            "hoard-1",
-            codec
-                .encode(&triggers, &trigger("hoard-1", "hoard", hoard_input))
-                .await
-                .unwrap(),
-        ),
-        record(
-            &triggers,
-            "bigout-1",
-            codec
-                .encode(&triggers, &trigger("bigout-1", "bigout", "{}".into()))
-                .await
-                .unwrap(),
-        ),
-        record(
-            &triggers,
-            "orphan-1",
-            codec
-                .encode(&triggers, &trigger("orphan-1", "orphan", "{}".into()))
-                .await
-                .unwrap(),
-        ),
+        trigger_record(codec, &triggers, "unknown-wf", "nope", "{}".into()).await,
+        trigger_record(codec, &triggers, "__edow.forged", "fine", "{}".into()).await,
+        trigger_record(codec, &triggers, "map-20k", "bigmap", map_input).await,
+        trigger_record(codec, &triggers, "manual-1", "manual", "{}".into()).await,
+        trigger_record(codec, &triggers, "hoard-1", "hoard", hoard_input).await,
+        trigger_record(codec, &triggers, "bigout-1", "bigout", "{}".into()).await,
+        trigger_record(codec, &triggers, "orphan-1", "orphan", "{}".into()).await,
         // Nearly a broker message: its dead letter cannot hold it whole.
         record(&triggers, "huge-garbage", vec![b'g'; 950 * 1024]),
     ];
