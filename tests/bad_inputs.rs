@@ -286,6 +286,18 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
         trigger_record(codec, &triggers, "hoard-1", "hoard", hoard_input).await,
         trigger_record(codec, &triggers, "bigout-1", "bigout", "{}".into()).await,
         trigger_record(codec, &triggers, "orphan-1", "orphan", "{}".into()).await,
+        {
+            // Claims to be a child of a good workflow, to report into it when it ends.
+            let mut forged = trigger("forged-child", "fine", "{}".into());
+            forged
+                .attributes
+                .insert("edow.parent".into(), "good-3".into());
+            record(
+                &triggers,
+                "forged-child",
+                codec.encode(&triggers, &forged).await.unwrap(),
+            )
+        },
         // Nearly a broker message: its dead letter cannot hold it whole.
         record(&triggers, "huge-garbage", vec![b'g'; 950 * 1024]),
     ];
@@ -445,6 +457,7 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
             "unknown-wf",
             "__edow.forged",
             "orphan-1/kid",
+            "forged-child",
             "huge-garbage",
         ],
     )
@@ -460,6 +473,12 @@ async fn every_class_of_bad_input_ends_visibly_while_good_workflows_complete() {
     assert_eq!(reason("unknown-wf").0, "unknown_workflow");
     assert_eq!(reason("__edow.forged").0, "invalid");
     assert_eq!(reason("orphan-1/kid").0, "unknown_workflow");
+    let (kind, error) = reason("forged-child");
+    assert_eq!(kind, "invalid");
+    assert!(
+        error.contains("good-3") && error.contains("edow.parent"),
+        "{error}"
+    );
     let (kind, error) = reason("huge-garbage");
     assert_eq!(kind, "not_framed");
     assert!(error.contains("too large to keep here"), "{error}");

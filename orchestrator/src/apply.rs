@@ -25,8 +25,8 @@ use crate::{
     RESERVED_ID_PREFIX,
 };
 
-/// How long a due timer whose definition is missing waits before it is tried again.
-const MISSING_DEFINITION_RETRY_MS: i64 = 60_000;
+/// How long a due timer waits before it is tried again when its definition is missing or its state unreadable.
+const TIMER_RETRY_MS: i64 = 60_000;
 
 impl Orchestrator {
     /// Applies one input to the engine. Err means the input is dead-lettered with that reason.
@@ -40,9 +40,9 @@ impl Orchestrator {
     ) -> Result<(), Reason> {
         match input {
             Input::Trigger(trigger) => {
-                let parent = trigger.attributes.get(PARENT_ATTRIBUTE).cloned();
+                let parent = parent_of(&trigger)?;
                 let child = trigger.workflow_id.clone();
-                let started = self.start(partition, trigger, now, out);
+                let started = self.start(partition, trigger, parent.clone(), now, out);
                 if let (Err(reason), Some(parent)) = (&started, parent) {
                     // The parent waits for this child's end; a child that never starts must say so.
                     out.refused_children.push((parent, child, reason.clone()));
@@ -58,6 +58,7 @@ impl Orchestrator {
         &mut self,
         partition: i32,
         trigger: WorkflowTrigger,
+        parent: Option<String>,
         now: i64,
         out: &mut BatchOutput,
     ) -> Result<(), Reason> {
@@ -106,7 +107,7 @@ impl Orchestrator {
             input,
             correlation_id: trigger.correlation_id,
             priority: trigger.priority,
-            parent: trigger.attributes.get(PARENT_ATTRIBUTE).cloned(),
+            parent,
             depth,
         };
         let started = catch_unwind(AssertUnwindSafe(|| {
@@ -146,7 +147,7 @@ impl Orchestrator {
         let Some(state) = self.partitions.get(&partition) else {
             return Ok(None);
         };
-        let Some(persisted) = state.instances.get(workflow_id) else {
+        let Some(persisted) = state.get(workflow_id) else {
             if state.ended.contains(workflow_id) {
                 tracing::debug!(
                     workflow_id,
@@ -162,7 +163,16 @@ impl Orchestrator {
                 ),
             ));
         };
-        let instance = persisted.instance.clone();
+        let instance = persisted
+            .map_err(|e| {
+                Reason::new(
+                    "unreadable_state",
+                    format!(
+                        "{what} is for workflow {workflow_id}, whose stored state this orchestrator cannot read                          ({e}); the workflow is kept as it is: run an orchestrator that reads it, then replay                          this record"
+                    ),
+                )
+            })?
+            .instance;
         let Some((_, definition)) = self
             .definitions
             .get(&instance.workflow_name, Some(instance.workflow_version))
@@ -430,15 +440,11 @@ impl Orchestrator {
         now: i64,
         out: &mut BatchOutput,
     ) {
-        let Some(persisted) = self
-            .partitions
-            .get(&partition)
-            .and_then(|s| s.instances.get(id))
-        else {
+        let Some(Ok(persisted)) = self.partitions.get(&partition).and_then(|s| s.get(id)) else {
             return;
         };
         tracing::error!(workflow_id = id, code, "failing the workflow: {message}");
-        let mut instance = persisted.instance.clone();
+        let mut instance = persisted.instance;
         let commands = instance.abort(code, format!("{code}: {message}"), now);
         self.record_change(partition, instance, commands, out);
     }
@@ -451,14 +457,24 @@ impl Orchestrator {
                 None => continue,
             };
             for id in due {
-                let Some(persisted) = self
-                    .partitions
-                    .get(&partition)
-                    .and_then(|s| s.instances.get(&id))
-                else {
-                    continue;
+                let persisted = match self.partitions.get(&partition).and_then(|s| s.get(&id)) {
+                    Some(Ok(persisted)) => persisted,
+                    Some(Err(e)) => {
+                        tracing::error!(
+                            workflow_id = %id,
+                            "a timer is due but the workflow's stored state cannot be read ({e}); trying again \
+                             in a minute"
+                        );
+                        if let Some(state) = self.partitions.get_mut(&partition) {
+                            state
+                                .timers
+                                .insert((now.saturating_add(TIMER_RETRY_MS), id));
+                        }
+                        continue;
+                    }
+                    None => continue,
                 };
-                let mut instance = persisted.instance.clone();
+                let mut instance = persisted.instance;
                 let Some((_, definition)) = self
                     .definitions
                     .get(&instance.workflow_name, Some(instance.workflow_version))
@@ -470,7 +486,9 @@ impl Orchestrator {
                         instance.workflow_version
                     );
                     if let Some(state) = self.partitions.get_mut(&partition) {
-                        state.timers.insert((now + MISSING_DEFINITION_RETRY_MS, id));
+                        state
+                            .timers
+                            .insert((now.saturating_add(TIMER_RETRY_MS), id));
                     }
                     continue;
                 };
@@ -482,9 +500,7 @@ impl Orchestrator {
                     Ok(_) => {
                         // Not due after all (re-armed); keep it indexed.
                         if let Some(state) = self.partitions.get_mut(&partition) {
-                            if let Some(persisted) = state.instances.get(&id).cloned() {
-                                state.put(persisted);
-                            }
+                            state.reindex(&id);
                         }
                     }
                     Err(message) => {
@@ -521,7 +537,7 @@ impl Orchestrator {
             return;
         };
         let id = instance.workflow_id.clone();
-        let mut outbox = match state.instances.get(&id) {
+        let mut outbox = match state.live(&id) {
             Some(old) if out.changed.contains(&(partition, id.clone())) => old.outbox.clone(),
             _ => Outbox::default(),
         };
@@ -530,6 +546,32 @@ impl Orchestrator {
         state.put(Persisted { instance, outbox });
         out.changed.insert((partition, id));
     }
+}
+
+/// The parent a trigger names in its `edow.parent` attribute. The orchestrator sets it on the triggers of child
+/// workflows, whose ids are `PARENT/STEP-PATH`; a trigger naming a parent its id does not descend from would make
+/// its workflow report its end to an unrelated one, and is refused. (The parent also takes a child's report only
+/// while its child step waits for exactly that id.)
+fn parent_of(trigger: &WorkflowTrigger) -> Result<Option<String>, Reason> {
+    let Some(parent) = trigger.attributes.get(PARENT_ATTRIBUTE) else {
+        return Ok(None);
+    };
+    let descends = trigger
+        .workflow_id
+        .strip_prefix(parent.as_str())
+        .is_some_and(|rest| rest.len() > 1 && rest.starts_with('/'));
+    if !descends {
+        return Err(Reason::new(
+            "invalid",
+            format!(
+                "the trigger of {} names {parent} as its parent in '{PARENT_ATTRIBUTE}', but only the orchestrator \
+                 sets that attribute, on child workflows whose ids start with their parent's id and '/'; remove \
+                 it to start an independent workflow",
+                trigger.workflow_id
+            ),
+        ));
+    }
+    Ok(Some(parent.clone()))
 }
 
 /// Refuses a workflow id that is empty, too long, or one of edow's own changelog keys.

@@ -196,11 +196,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut last_trim = Instant::now();
     loop {
         let (tick, max_batch) = (orchestrator.config.tick, orchestrator.config.max_batch);
-        let batch = tokio::select! {
+        let mut batch = tokio::select! {
             _ = &mut shutdown => break,
             batch = consume::collect_batch(&consumer, tick, max_batch) => batch,
         };
-        if orchestrator.handle_rebalances(&consumer).await? || last_trim.elapsed() > TRIM_EVERY {
+        if orchestrator
+            .handle_rebalances(&consumer, &mut batch)
+            .await?
+            || last_trim.elapsed() > TRIM_EVERY
+        {
             trim_memory();
             last_trim = Instant::now();
         }
@@ -211,10 +215,58 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
+/// Most inputs held while partitions are restored; beyond it the assigned partitions are paused until the
+/// restore is done, and the consumer is still polled.
+const MAX_HELD_WHILE_RESTORING: usize = 5_000;
+
+/// Waits for every task of `reads` while polling the consumer, keeping what it delivers in `held`.
+async fn poll_while<T: 'static>(
+    consumer: &InputConsumer,
+    held: &mut Vec<OwnedMessage>,
+    reads: &mut tokio::task::JoinSet<anyhow::Result<T>>,
+) -> anyhow::Result<Vec<T>> {
+    let mut done = Vec::with_capacity(reads.len());
+    let mut paused = false;
+    while !reads.is_empty() {
+        tokio::select! {
+            read = reads.join_next() => {
+                if let Some(read) = read {
+                    done.push(read??);
+                }
+            }
+            polled = consumer.recv() => match polled {
+                Ok(message) => {
+                    held.push(message.detach());
+                    // Again every thousand: a partition assigned since is not paused yet.
+                    let over = held.len().saturating_sub(MAX_HELD_WHILE_RESTORING);
+                    if held.len() >= MAX_HELD_WHILE_RESTORING && (!paused || over % 1_000 == 0) {
+                        consumer.pause(&consumer.assignment()?)?;
+                        paused = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("consuming while restoring: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    if paused {
+        consumer.resume(&consumer.assignment()?)?;
+    }
+    Ok(done)
+}
+
 impl Orchestrator {
     /// Forgets revoked partitions and restores newly assigned ones from the changelog; the partitions of one
-    /// assignment are read concurrently, then taken over one by one.
-    async fn handle_rebalances(&mut self, consumer: &InputConsumer) -> anyhow::Result<bool> {
+    /// assignment are read concurrently while the consumer keeps being polled (so that a long restore neither
+    /// exceeds `max.poll.interval.ms` nor misses a rebalance), then fenced concurrently, then taken over one by
+    /// one. Inputs polled meanwhile are added to `held`, for the next batch. Returns whether anything changed.
+    async fn handle_rebalances(
+        &mut self,
+        consumer: &InputConsumer,
+        held: &mut Vec<OwnedMessage>,
+    ) -> anyhow::Result<bool> {
         let changes = consumer.context().take();
         let changed = !changes.is_empty();
         for (assigned, partitions) in changes {
@@ -227,26 +279,45 @@ impl Orchestrator {
             let mut reads = tokio::task::JoinSet::new();
             for partition in partitions {
                 if !self.partitions.contains_key(&partition) {
-                    reads.spawn(restore::prepare(
-                        self.config.kafka.clone(),
-                        self.codec.clone(),
-                        self.config.topics.clone(),
-                        partition,
-                    ));
+                    reads.spawn(restore::prepare(self.restore_clients(), partition));
                 }
             }
-            while let Some(read) = reads.join_next().await {
-                self.take_over(read??).await?;
+            let prepared = poll_while(consumer, held, &mut reads).await?;
+            // Only a partition the group still assigns is fenced: a marker written by an instance that lost it
+            // would outrank its new owner's.
+            let owned = consume::assigned(consumer, &self.config.topics.triggers());
+            let mut fences = tokio::task::JoinSet::new();
+            for prepared in prepared {
+                if owned.contains(&prepared.partition()) {
+                    fences.spawn(restore::fence(self.restore_clients(), prepared));
+                } else {
+                    tracing::info!(
+                        partition = prepared.partition(),
+                        "revoked while it was being restored; not taken"
+                    );
+                }
+            }
+            while let Some(fenced) = fences.join_next().await {
+                self.take_over(fenced??).await?;
             }
         }
         Ok(changed)
+    }
+
+    fn restore_clients(&self) -> restore::Clients {
+        restore::Clients {
+            kafka: self.config.kafka.clone(),
+            producer: self.producer.clone(),
+            codec: self.codec.clone(),
+            topics: self.config.topics.clone(),
+        }
     }
 
     fn forget(&mut self, partition: i32, why: &str) {
         if let Some(state) = self.partitions.remove(&partition) {
             tracing::info!(
                 partition,
-                running = state.instances.len(),
+                running = state.held(),
                 ended = state.ended.len(),
                 "partition {why}; its state is forgotten"
             );
@@ -327,15 +398,6 @@ impl Orchestrator {
         self.report_refused_children(&out.refused_children).await?;
         for letter in &out.dead_letters {
             dead_letters::publish(&self.producer, &self.codec, letter).await?;
-        }
-        for (partition, id) in &out.changed {
-            if let Some(state) = self.partitions.get_mut(partition) {
-                // Produced: the outbox is needed only in the changelog now, for a crash; memory keeps none.
-                if let Some(persisted) = state.instances.get_mut(id) {
-                    persisted.outbox.commands = Vec::new();
-                }
-                state.retire(id);
-            }
         }
         if !offsets.is_empty() {
             let mut list = TopicPartitionList::new();

@@ -148,6 +148,13 @@ impl Early {
 /// Version of the `engine_state` JSON layout.
 pub const ENGINE_STATE_VERSION: i32 = 1;
 
+/// Header of a changelog record carrying its outbox, as JSON of [`Outbox`]; absent when the outbox is empty.
+/// Kept out of the value so that the value is the workflow's state alone, which memory holds as it is.
+pub const OUTBOX_HEADER: &str = "edow.outbox";
+/// Header carrying the workflow's next timer in epoch ms, empty when it has none: restore indexes timers without
+/// parsing states. A record without it (written before it existed) is parsed at restore instead.
+pub const TIMER_HEADER: &str = "edow.timer";
+
 /// Deepest engine state read back: inputs of at most 64 levels inside a tree of at most 16 nested blocks, each
 /// taking a handful of levels, stays well below it; the bound only keeps a hostile record from overflowing the stack.
 const MAX_STATE_DEPTH: usize = 256;
@@ -160,11 +167,12 @@ pub struct Outbox {
     pub events_from: i64,
 }
 
-/// The `engine_state` of a changelog record.
+/// A workflow instance with the commands of its last change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Persisted {
     pub instance: Instance,
-    #[serde(default)]
+    /// Read from the `engine_state` of records written before the outbox moved to [`OUTBOX_HEADER`].
+    #[serde(default, skip_serializing)]
     pub outbox: Outbox,
 }
 
@@ -198,7 +206,7 @@ impl Persisted {
     }
 
     /// The engine's part of the record, with each payload once: the workflow input and output are the record's
-    /// typed `input` and `output` fields, and a dispatched task's input is in the running tree.
+    /// typed `input` and `output` fields.
     fn engine_state(&self) -> String {
         let Ok(mut state) = serde_json::to_value(self) else {
             return String::new();
@@ -208,46 +216,46 @@ impl Persisted {
                 *value = Value::Null;
             }
         }
-        if let Some(Value::Array(commands)) = state.pointer_mut("/outbox/commands") {
+        state.to_string()
+    }
+
+    /// The [`OUTBOX_HEADER`] value: `None` for an empty outbox. A dispatched task's input is left out; it is in
+    /// the running tree.
+    pub fn outbox_header(&self) -> Option<Vec<u8>> {
+        if self.outbox.commands.is_empty() {
+            return None;
+        }
+        let mut outbox = serde_json::to_value(&self.outbox).ok()?;
+        if let Some(Value::Array(commands)) = outbox.pointer_mut("/commands") {
             for command in commands {
                 if let Some(input) = command.pointer_mut("/Dispatch/input") {
                     *input = Value::Null;
                 }
             }
         }
-        state.to_string()
+        serde_json::to_vec(&outbox).ok()
     }
 
-    pub fn from_record(record: &WorkflowState) -> Result<Persisted, String> {
-        if record.engine_state_version != ENGINE_STATE_VERSION {
-            return Err(format!(
-                "engine_state_version {} is not understood by this orchestrator (it reads {ENGINE_STATE_VERSION}); \
-                 upgrade the orchestrator",
-                record.engine_state_version
-            ));
+    /// The [`TIMER_HEADER`] value.
+    pub fn timer_header(&self) -> Vec<u8> {
+        self.instance
+            .next_timer()
+            .map(|due| due.to_string().into_bytes())
+            .unwrap_or_default()
+    }
+
+    /// A record read back, with the value of its [`OUTBOX_HEADER`] if it had one.
+    pub fn from_record(record: &WorkflowState, outbox: Option<&[u8]>) -> Result<Persisted, String> {
+        check_version(record.engine_state_version)?;
+        let mut persisted = parse_state(
+            &record.engine_state,
+            &record.input,
+            record.output.as_deref(),
+        )?;
+        if let Some(outbox) = outbox {
+            persisted.outbox = serde_json::from_slice(outbox)
+                .map_err(|e| format!("the record's outbox is unreadable: {e}"))?;
         }
-        // Inputs are at most `max_json_depth` deep and definitions `max_definition_depth`, but the engine's tree
-        // adds levels of its own; a bounded scan first, then a parse without serde_json's 128-level cap.
-        let depth = edow_engine::limits::json_depth(&record.engine_state);
-        if depth > MAX_STATE_DEPTH {
-            return Err(format!(
-                "engine_state nests {depth} levels deep, more than the {MAX_STATE_DEPTH} any state of this \
-                 orchestrator has"
-            ));
-        }
-        let mut deserializer = serde_json::Deserializer::from_str(&record.engine_state);
-        deserializer.disable_recursion_limit();
-        let mut persisted = Persisted::deserialize(&mut deserializer)
-            .map_err(|e| format!("engine_state is unreadable: {e}"))?;
-        persisted.instance.input = serde_json::from_str(&record.input)
-            .map_err(|e| format!("the record's input is not JSON: {e}"))?;
-        persisted.instance.output = match &record.output {
-            Some(output) => Some(
-                serde_json::from_str(output)
-                    .map_err(|e| format!("the record's output is not JSON: {e}"))?,
-            ),
-            None => None,
-        };
         let instance = &persisted.instance;
         // A dispatch whose attempt no longer runs would be answered and ignored: it is dropped, not re-sent.
         persisted
@@ -265,6 +273,109 @@ impl Persisted {
                 _ => true,
             });
         Ok(persisted)
+    }
+}
+
+fn check_version(version: i32) -> Result<(), String> {
+    if version != ENGINE_STATE_VERSION {
+        return Err(format!(
+            "engine_state_version {version} is not understood by this orchestrator (it reads \
+             {ENGINE_STATE_VERSION}); upgrade the orchestrator"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses an `engine_state` and the typed input and output of its record.
+fn parse_state(engine_state: &str, input: &str, output: Option<&str>) -> Result<Persisted, String> {
+    // Inputs are at most `max_json_depth` deep and definitions `max_definition_depth`, but the engine's tree
+    // adds levels of its own; a bounded scan first, then a parse without serde_json's 128-level cap.
+    let depth = edow_engine::limits::json_depth(engine_state);
+    if depth > MAX_STATE_DEPTH {
+        return Err(format!(
+            "engine_state nests {depth} levels deep, more than the {MAX_STATE_DEPTH} any state of this \
+             orchestrator has"
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(engine_state);
+    deserializer.disable_recursion_limit();
+    let mut persisted = Persisted::deserialize(&mut deserializer)
+        .map_err(|e| format!("engine_state is unreadable: {e}"))?;
+    persisted.instance.input =
+        serde_json::from_str(input).map_err(|e| format!("the record's input is not JSON: {e}"))?;
+    persisted.instance.output = match output {
+        Some(output) => Some(
+            serde_json::from_str(output)
+                .map_err(|e| format!("the record's output is not JSON: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(persisted)
+}
+
+/// A running workflow at rest, as the text of its last changelog record: parsed again when an input or timer
+/// reaches it. The parsed tree takes several times the memory of its text, and a parse costs microseconds, so
+/// holding text is what keeps memory per in-flight workflow small, and what lets restore skip parsing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    engine_state: Box<str>,
+    input: Box<str>,
+    output: Option<Box<str>>,
+    next_timer: Option<Millis>,
+}
+
+impl Packed {
+    /// The packed form of a record whose outbox is produced. Only the version is checked here; the state is
+    /// parsed (and checked) when it is first needed.
+    pub fn from_record(
+        record: WorkflowState,
+        next_timer: Option<Millis>,
+    ) -> Result<Packed, String> {
+        check_version(record.engine_state_version)?;
+        Ok(Packed {
+            engine_state: record.engine_state.into_boxed_str(),
+            input: record.input.into_boxed_str(),
+            output: record.output.map(String::into_boxed_str),
+            next_timer,
+        })
+    }
+
+    /// The instance, with an empty outbox (a packed workflow's outbox was produced).
+    pub fn unpack(&self) -> Result<Persisted, String> {
+        let mut persisted = parse_state(&self.engine_state, &self.input, self.output.as_deref())?;
+        persisted.outbox = Outbox::default();
+        Ok(persisted)
+    }
+
+    /// Bytes of text held.
+    pub fn text_bytes(&self) -> usize {
+        self.engine_state.len() + self.input.len() + self.output.as_ref().map_or(0, |o| o.len())
+    }
+}
+
+/// How a partition holds one workflow.
+#[derive(Debug, Clone)]
+pub enum Held {
+    /// Changed by the batch in hand (or restored with an outbox to produce again): parsed, with its outbox.
+    Live(Box<Persisted>),
+    /// At rest: see [`Packed`].
+    Packed(Packed),
+}
+
+impl Held {
+    fn next_timer(&self) -> Option<Millis> {
+        match self {
+            Held::Live(persisted) => persisted.instance.next_timer(),
+            Held::Packed(packed) => packed.next_timer,
+        }
+    }
+
+    fn is_terminal(&self) -> bool {
+        match self {
+            Held::Live(persisted) => persisted.instance.is_terminal(),
+            // Only running workflows are packed.
+            Held::Packed(_) => false,
+        }
     }
 }
 
@@ -318,7 +429,7 @@ impl Ended {
 #[derive(Default)]
 pub struct PartitionState {
     /// Workflows that have not ended, and ended ones whose last change is still being produced.
-    pub instances: HashMap<String, Persisted>,
+    instances: HashMap<String, Held>,
     pub ended: Ended,
     /// Signals for workflows not started yet, by workflow id.
     pub early: HashMap<String, Early>,
@@ -331,33 +442,113 @@ pub struct PartitionState {
 }
 
 impl PartitionState {
-    /// Inserts or replaces an instance, keeping its timer indexed.
+    /// Inserts or replaces an instance, parsed (see [`Held::Live`]), keeping its timer indexed.
     pub fn put(&mut self, persisted: Persisted) {
         let id = persisted.instance.workflow_id.clone();
-        if let Some(old) = self.instances.get(&id) {
-            if let Some(due) = old.instance.next_timer() {
-                self.timers.remove(&(due, id.clone()));
-            }
+        self.hold(id, Held::Live(Box::new(persisted)));
+    }
+
+    /// Inserts or replaces a workflow at rest.
+    pub fn put_packed(&mut self, id: String, packed: Packed) {
+        self.hold(id, Held::Packed(packed));
+    }
+
+    fn hold(&mut self, id: String, held: Held) {
+        if let Some(due) = self.instances.get(&id).and_then(Held::next_timer) {
+            self.timers.remove(&(due, id.clone()));
         }
-        if let Some(due) = persisted.instance.next_timer() {
+        if let Some(due) = held.next_timer() {
             self.timers.insert((due, id.clone()));
         }
-        self.instances.insert(id, persisted);
+        self.instances.insert(id, held);
+    }
+
+    /// A parsed copy of workflow `id`: `None` when it is not held, `Some(Err)` when its stored state cannot be
+    /// read (the workflow is kept as it is; an orchestrator that understands it can go on with it).
+    pub fn get(&self, id: &str) -> Option<Result<Persisted, String>> {
+        Some(match self.instances.get(id)? {
+            Held::Live(persisted) => Ok(persisted.as_ref().clone()),
+            Held::Packed(packed) => packed.unpack(),
+        })
+    }
+
+    /// Workflow `id` if it was changed by the batch in hand (and so is parsed).
+    pub fn live(&self, id: &str) -> Option<&Persisted> {
+        match self.instances.get(id)? {
+            Held::Live(persisted) => Some(persisted),
+            Held::Packed(_) => None,
+        }
+    }
+
+    pub fn live_mut(&mut self, id: &str) -> Option<&mut Persisted> {
+        match self.instances.get_mut(id)? {
+            Held::Live(persisted) => Some(persisted),
+            Held::Packed(_) => None,
+        }
+    }
+
+    /// Ids of the parsed workflows.
+    pub fn live_ids(&self) -> Vec<String> {
+        self.instances
+            .iter()
+            .filter(|(_, held)| matches!(held, Held::Live(_)))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Ids of the parsed workflows that have an outbox.
+    pub fn with_outbox(&self) -> Vec<String> {
+        self.instances
+            .iter()
+            .filter_map(|(id, held)| match held {
+                Held::Live(p) if !p.outbox.commands.is_empty() => Some(id.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// After its outbox is produced: an ended workflow leaves memory (see [`PartitionState::retire`]), a
+    /// running one is held as `packed`, the text of the record just written (made here when `None`).
+    pub fn settle(&mut self, id: &str, packed: Option<Packed>) {
+        match self.instances.get(id) {
+            Some(held) if held.is_terminal() => self.retire(id),
+            Some(Held::Live(persisted)) => {
+                let packed = packed.or_else(|| {
+                    Packed::from_record(persisted.to_record(), persisted.instance.next_timer()).ok()
+                });
+                if let Some(packed) = packed {
+                    self.put_packed(id.to_string(), packed);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn remove(&mut self, id: &str) {
+        if let Some(old) = self.instances.remove(id) {
+            if let Some(due) = old.next_timer() {
+                self.timers.remove(&(due, id.to_string()));
+            }
+        }
     }
 
     /// Moves an ended instance out of memory, keeping its id in `ended`.
     pub fn retire(&mut self, id: &str) {
-        let Some(persisted) = self.instances.get(id) else {
+        let Some(Held::Live(persisted)) = self.instances.get(id) else {
             return;
         };
         if !persisted.instance.is_terminal() {
             return;
         }
-        if let Some(old) = self.instances.remove(id) {
-            if let Some(due) = old.instance.next_timer() {
-                self.timers.remove(&(due, id.to_string()));
-            }
-            self.ended.insert(id.to_string(), old.instance.updated_at);
+        let ended_at = persisted.instance.updated_at;
+        self.remove(id);
+        self.ended.insert(id.to_string(), ended_at);
+    }
+
+    /// Indexes the timer of workflow `id` again (after it was taken as due but the engine re-armed it).
+    pub fn reindex(&mut self, id: &str) {
+        if let Some(due) = self.instances.get(id).and_then(Held::next_timer) {
+            self.timers.insert((due, id.to_string()));
         }
     }
 
@@ -373,17 +564,37 @@ impl PartitionState {
             if *at > now {
                 break;
             }
-            let (_, id) = self.timers.pop_first().expect("checked non-empty");
+            let Some((_, id)) = self.timers.pop_first() else {
+                break;
+            };
             due.push(id);
         }
         due
     }
 
+    /// Workflows held: running ones, and ended ones whose last change is being produced.
+    pub fn held(&self) -> usize {
+        self.instances.len()
+    }
+
     pub fn running(&self) -> usize {
-        self.instances
-            .values()
-            .filter(|p| !p.instance.is_terminal())
-            .count()
+        self.instances.values().filter(|h| !h.is_terminal()).count()
+    }
+
+    /// Ids and end times of the ended workflows still held, oldest end first.
+    pub fn ended_held(&self) -> Vec<(Millis, String)> {
+        let mut ended: Vec<(Millis, String)> = self
+            .instances
+            .iter()
+            .filter_map(|(id, held)| match held {
+                Held::Live(p) if p.instance.is_terminal() => {
+                    Some((p.instance.updated_at, id.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        ended.sort();
+        ended
     }
 }
 
@@ -423,12 +634,18 @@ mod tests {
         let marker = "x".repeat(10_000);
         let persisted = started(json!({ "big": marker }));
         let record = persisted.to_record();
-        let copies =
-            record.engine_state.matches(&marker).count() + record.input.matches(&marker).count();
+        let outbox = persisted.outbox_header().unwrap();
+        let copies = record.engine_state.matches(&marker).count()
+            + record.input.matches(&marker).count()
+            + String::from_utf8_lossy(&outbox).matches(&marker).count();
         // The typed input, the root block's previous output (the input, before the first step) and the running
         // task's input; it was six before the instance input, the unused step input and the outbox's copy went.
         assert_eq!(copies, 3, "{}", record.engine_state.len());
-        assert_eq!(Persisted::from_record(&record).unwrap(), persisted);
+        assert!(!record.engine_state.contains("outbox"));
+        assert_eq!(
+            Persisted::from_record(&record, Some(&outbox)).unwrap(),
+            persisted
+        );
     }
 
     #[test]
@@ -442,7 +659,8 @@ mod tests {
         {
             d.task_id = "w-1/a/9".into();
         }
-        let restored = Persisted::from_record(&persisted.to_record()).unwrap();
+        let outbox = persisted.outbox_header();
+        let restored = Persisted::from_record(&persisted.to_record(), outbox.as_deref()).unwrap();
         assert!(!restored
             .outbox
             .commands
@@ -460,8 +678,80 @@ mod tests {
             "{\"instance\":5}".into(),
         ] {
             record.engine_state = text;
-            assert!(Persisted::from_record(&record).is_err());
+            assert!(Persisted::from_record(&record, None).is_err());
         }
+    }
+
+    #[test]
+    fn records_written_with_the_outbox_in_the_state_still_read_back() {
+        let persisted = started(json!({ "a": 1 }));
+        let mut record = persisted.to_record();
+        let mut state: Value = serde_json::from_str(&record.engine_state).unwrap();
+        state["outbox"] = serde_json::from_slice(&persisted.outbox_header().unwrap()).unwrap();
+        record.engine_state = state.to_string();
+        assert_eq!(Persisted::from_record(&record, None).unwrap(), persisted);
+    }
+
+    #[test]
+    fn a_packed_workflow_unpacks_to_its_state_without_the_produced_outbox() {
+        let persisted = started(json!({ "a": [1, 2, 3] }));
+        let packed = Packed::from_record(persisted.to_record(), None).unwrap();
+        let unpacked = packed.unpack().unwrap();
+        assert_eq!(unpacked.instance, persisted.instance);
+        assert!(unpacked.outbox.commands.is_empty());
+        // The text is what memory holds: far smaller than the parsed tree, and without the outbox.
+        assert!(packed.text_bytes() < 1_000, "{}", packed.text_bytes());
+        let mut newer = persisted.to_record();
+        newer.engine_state_version = ENGINE_STATE_VERSION + 1;
+        assert!(Packed::from_record(newer, None).is_err());
+        let mut garbage = persisted.to_record();
+        garbage.engine_state = "{".repeat(300);
+        assert!(Packed::from_record(garbage, None)
+            .unwrap()
+            .unpack()
+            .is_err());
+    }
+
+    #[test]
+    fn a_produced_workflow_is_held_packed_with_its_timer_indexed() {
+        let definition = Definition::parse(
+            "t.yaml",
+            "name: t\nsteps:\n  - { name: a, task: t.a, timeout: 5s }\n",
+        )
+        .unwrap();
+        let start = Start {
+            workflow_id: "w-2".into(),
+            workflow_version: 1,
+            input: json!(null),
+            correlation_id: None,
+            priority: 0,
+            parent: None,
+            depth: 0,
+        };
+        let (instance, commands) = edow_engine::Instance::start(&definition, start, 1_000);
+        let due = instance.next_timer().unwrap();
+        let persisted = Persisted {
+            instance,
+            outbox: Outbox {
+                commands,
+                events_from: 0,
+            },
+        };
+        assert_eq!(persisted.timer_header(), due.to_string().into_bytes());
+        let mut state = PartitionState::default();
+        state.put(persisted.clone());
+        assert_eq!(state.with_outbox(), ["w-2"]);
+        state.settle("w-2", None);
+        assert!(state.live("w-2").is_none() && state.with_outbox().is_empty());
+        assert_eq!(
+            state.get("w-2").unwrap().unwrap().instance,
+            persisted.instance
+        );
+        assert_eq!(state.take_due(due), ["w-2"]);
+        state.reindex("w-2");
+        assert_eq!(state.take_due(due), ["w-2"]);
+        state.remove("w-2");
+        assert!(state.take_due(due).is_empty() && !state.knows("w-2"));
     }
 
     #[test]
@@ -472,7 +762,7 @@ mod tests {
         };
         let record = marker.to_record(5);
         assert_eq!(Marker::from_record(&record).unwrap(), marker);
-        assert!(Persisted::from_record(&record).is_err());
+        assert!(Persisted::from_record(&record, None).is_err());
         let early = Early {
             first_at: 3,
             signals: vec![EarlySignal {
@@ -492,7 +782,7 @@ mod tests {
         let record = early.to_record("w-9", 5);
         assert_eq!(record.workflow_name, EARLY_NAME);
         assert_eq!(Early::from_record(&record).unwrap(), early);
-        assert!(Persisted::from_record(&record).is_err());
+        assert!(Persisted::from_record(&record, None).is_err());
     }
 
     #[test]

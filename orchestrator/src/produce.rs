@@ -16,15 +16,20 @@ use edow_schemas::contracts::{
     LifecycleEvent, LifecycleKind, SignalKind, TaskError, TaskRequested, TaskResult, TaskStatus,
     WorkflowSignal, WorkflowTrigger,
 };
-use edow_schemas::Topics;
+use edow_schemas::{Codec, Topics};
 use serde_json::Value;
 
-use crate::partition::{EarlySignal, Marker, EPOCH_HEADER, MARKER_KEY};
+use crate::partition::{
+    EarlySignal, Marker, Packed, EPOCH_HEADER, MARKER_KEY, OUTBOX_HEADER, TIMER_HEADER,
+};
 use crate::{Orchestrator, DEPTH_ATTRIBUTE, PARENT_ATTRIBUTE};
 
 /// The records of one changed workflow.
 struct WorkflowRecords {
     changelog: Outgoing,
+    /// What memory holds once these records are produced: the changelog record's text; `None` for an ended
+    /// workflow, which leaves memory.
+    packed: Option<Packed>,
     tasks: Vec<Outgoing>,
     events: Vec<Outgoing>,
 }
@@ -36,8 +41,9 @@ impl WorkflowRecords {
             .chain(&self.tasks)
             .chain(&self.events)
             .map(|r| {
+                let headers: usize = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
                 (
-                    r.key.len() + r.payload.as_ref().map_or(0, Vec::len),
+                    r.key.len() + r.payload.as_ref().map_or(0, Vec::len) + headers,
                     r.topic.clone(),
                 )
             })
@@ -62,6 +68,7 @@ impl Orchestrator {
         let mut changelog = Vec::with_capacity(changed.len() + purged.len());
         let mut tasks = Vec::new();
         let mut events = Vec::new();
+        let mut settled = Vec::with_capacity(changed.len());
         for (partition, id) in changed {
             let Some(mut records) = self.workflow_records(*partition, id).await? else {
                 continue;
@@ -96,7 +103,7 @@ impl Orchestrator {
                              for it and it is forgotten"
                         );
                         if let Some(state) = self.partitions.get_mut(partition) {
-                            state.instances.remove(id);
+                            state.remove(id);
                         }
                         continue;
                     }
@@ -105,6 +112,7 @@ impl Orchestrator {
             changelog.push(records.changelog);
             tasks.extend(records.tasks);
             events.extend(records.events);
+            settled.push((*partition, id, records.packed));
         }
         for (partition, id) in purged {
             changelog.push(Outgoing {
@@ -127,6 +135,12 @@ impl Orchestrator {
         for (partition, offset) in positions {
             if let Some(state) = self.partitions.get_mut(&partition) {
                 state.events_end = state.events_end.max(offset + 1);
+            }
+        }
+        // Produced: the outboxes are needed only in the changelog now, for a crash; memory keeps none.
+        for (partition, id, packed) in settled {
+            if let Some(state) = self.partitions.get_mut(&partition) {
+                state.settle(id, packed);
             }
         }
         // Every outbox written so far is produced: record that, so a restore checks only what comes after. Not
@@ -260,14 +274,7 @@ impl Orchestrator {
         marker: Marker,
         now: i64,
     ) -> anyhow::Result<Outgoing> {
-        let topic = self.config.topics.state();
-        Ok(Outgoing {
-            payload: Some(self.codec.encode(&topic, &marker.to_record(now)).await?),
-            topic,
-            partition: Some(partition),
-            key: MARKER_KEY.as_bytes().to_vec(),
-            headers: vec![(EPOCH_HEADER, marker.epoch.to_string().into_bytes())],
-        })
+        marker_record(&self.codec, &self.config.topics, partition, marker, now).await
     }
 
     /// Makes a workflow whose records are too large fit: a running one fails (its tree, with every output it
@@ -279,7 +286,7 @@ impl Orchestrator {
         let Some(persisted) = self
             .partitions
             .get_mut(&partition)
-            .and_then(|s| s.instances.get_mut(id))
+            .and_then(|s| s.live_mut(id))
         else {
             return;
         };
@@ -330,24 +337,35 @@ impl Orchestrator {
         let Some(persisted) = self
             .partitions
             .get(&partition)
-            .and_then(|s| s.instances.get(id))
+            .and_then(|s| s.live(id))
             .cloned()
         else {
             return Ok(None);
         };
         let topics = self.config.topics.clone();
-        let value = self
-            .codec
-            .encode(&topics.state(), &persisted.to_record())
-            .await?;
+        let record = persisted.to_record();
+        let value = self.codec.encode(&topics.state(), &record).await?;
+        let mut headers = vec![
+            (EPOCH_HEADER, self.epoch_of(partition)),
+            (TIMER_HEADER, persisted.timer_header()),
+        ];
+        if let Some(outbox) = persisted.outbox_header() {
+            headers.push((OUTBOX_HEADER, outbox));
+        }
+        let packed = if persisted.instance.is_terminal() {
+            None
+        } else {
+            Packed::from_record(record, persisted.instance.next_timer()).ok()
+        };
         let mut records = WorkflowRecords {
             changelog: Outgoing {
                 topic: topics.state(),
                 partition: Some(partition),
                 key: id.as_bytes().to_vec(),
                 payload: Some(value),
-                headers: vec![(EPOCH_HEADER, self.epoch_of(partition))],
+                headers,
             },
+            packed,
             tasks: Vec::new(),
             events: Vec::new(),
         };
@@ -565,4 +583,22 @@ fn send_unawaited(producer: &rdkafka::producer::FutureProducer, record: &Outgoin
             "the partition marker was not queued ({e}); the next restore checks more outboxes"
         );
     }
+}
+
+/// The changelog record of `partition`'s marker.
+pub(crate) async fn marker_record(
+    codec: &Codec,
+    topics: &Topics,
+    partition: i32,
+    marker: Marker,
+    now: i64,
+) -> anyhow::Result<Outgoing> {
+    let topic = topics.state();
+    Ok(Outgoing {
+        payload: Some(codec.encode(&topic, &marker.to_record(now)).await?),
+        topic,
+        partition: Some(partition),
+        key: MARKER_KEY.as_bytes().to_vec(),
+        headers: vec![(EPOCH_HEADER, marker.epoch.to_string().into_bytes())],
+    })
 }

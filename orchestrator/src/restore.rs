@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use edow_engine::Command;
+use edow_engine::{Command, Millis};
 use edow_kafka::{now_millis, produce_all, EVENT_ID_HEADER};
 use edow_schemas::contracts::{WorkflowState, WorkflowStatus};
 use rdkafka::consumer::Consumer;
@@ -25,11 +25,14 @@ use rdkafka::{Message, Offset};
 
 use crate::decode::{decode_retrying, Stalled};
 use crate::partition::{
-    Early, Marker, PartitionState, Persisted, EARLY_NAME, EPOCH_HEADER, MARKER_KEY,
+    Early, Marker, Packed, PartitionState, Persisted, EARLY_NAME, EPOCH_HEADER, MARKER_KEY,
+    OUTBOX_HEADER, TIMER_HEADER,
 };
+use crate::produce::marker_record;
 use crate::{Orchestrator, RESERVED_ID_PREFIX};
 use edow_kafka::Kafka;
 use edow_schemas::{Codec, Topics};
+use rdkafka::producer::FutureProducer;
 use std::sync::Arc;
 
 /// How long a restore waits for an unreachable registry before the orchestrator gives up (and is restarted).
@@ -41,6 +44,10 @@ struct Kept {
     offset: i64,
     /// A zombie's record came after this one: write this one again.
     overwritten_by_zombie: bool,
+    /// The record's [`TIMER_HEADER`]: `None` for a record written before it existed.
+    timer: Option<Option<Millis>>,
+    /// The record's [`OUTBOX_HEADER`].
+    outbox: Option<Vec<u8>>,
     state: KeptState,
 }
 
@@ -81,16 +88,26 @@ pub(crate) struct Prepared {
     started: Instant,
 }
 
-/// Reads and checks one partition. Needs nothing of the orchestrator but its clients, so that the partitions of
-/// one assignment are prepared concurrently.
-pub(crate) async fn prepare(
-    kafka: Kafka,
-    codec: Arc<Codec>,
-    topics: Topics,
-    partition: i32,
-) -> anyhow::Result<Prepared> {
+/// What restoring a partition needs of the orchestrator: its clients, cloned, so that the partitions of one
+/// assignment are prepared concurrently.
+#[derive(Clone)]
+pub(crate) struct Clients {
+    pub kafka: Kafka,
+    pub producer: FutureProducer,
+    pub codec: Arc<Codec>,
+    pub topics: Topics,
+}
+
+/// Reads and checks one partition.
+pub(crate) async fn prepare(clients: Clients, partition: i32) -> anyhow::Result<Prepared> {
     let started = Instant::now();
-    let read = read_changelog(&kafka, &codec, &topics, partition).await?;
+    let Clients {
+        kafka,
+        codec,
+        topics,
+        ..
+    } = &clients;
+    let read = read_changelog(kafka, codec, topics, partition).await?;
     let mut state = PartitionState::default();
     let mut changed = BTreeSet::new();
     let mut ended = Vec::new();
@@ -98,7 +115,7 @@ pub(crate) async fn prepare(
     let mut highest_epoch = read.highest_epoch;
     for (key, mut kept) in read.latest {
         if let KeptState::Raw(payload) = &kept.state {
-            match decode_winner(&codec, partition, &key, &kept, payload, give_up_at).await? {
+            match decode_winner(codec, partition, &key, &kept, payload, give_up_at).await? {
                 Some(decoded) => kept.state = decoded,
                 None => continue,
             }
@@ -114,8 +131,22 @@ pub(crate) async fn prepare(
                     ended.push((record.updated_at, key));
                     continue;
                 }
-                match Persisted::from_record(&record) {
-                    Ok(persisted) => persisted,
+                let at_rest = !kept.overwritten_by_zombie
+                    && !is_ended(record.status)
+                    && (produced || kept.outbox.is_none());
+                let parsed = match kept.timer {
+                    // Most records: held as read, parsed when an input reaches the workflow.
+                    Some(next_timer) if at_rest => {
+                        Packed::from_record(*record, next_timer).map(|packed| {
+                            state.put_packed(key.clone(), packed);
+                            None
+                        })
+                    }
+                    _ => Persisted::from_record(&record, kept.outbox.as_deref()).map(Some),
+                };
+                match parsed {
+                    Ok(Some(persisted)) => persisted,
+                    Ok(None) => continue,
                     Err(e) => {
                         tracing::error!(
                             partition,
@@ -160,14 +191,27 @@ pub(crate) async fn prepare(
     };
     state.events_end = events_end;
     let replayed = check_outboxes(
-        &kafka,
-        &topics,
+        kafka,
+        topics,
         partition,
         &mut state,
         events_low,
         &mut changed,
     )
     .await?;
+    // What needs no producing is settled now: ended workflows leave memory (oldest end first: the index
+    // forgets, and purges, from its front), running ones are packed. The rest is settled once produced.
+    let to_produce = |id: &String| changed.contains(&(partition, id.clone()));
+    for (_, id) in state.ended_held() {
+        if !to_produce(&id) {
+            state.retire(&id);
+        }
+    }
+    for id in state.live_ids() {
+        if !to_produce(&id) {
+            state.settle(&id, None);
+        }
+    }
     Ok(Prepared {
         partition,
         state,
@@ -181,95 +225,99 @@ pub(crate) async fn prepare(
     })
 }
 
-impl Orchestrator {
-    /// Writes the marker of a new epoch, which goes first: from here on, whatever an older owner still writes is
-    /// ignored. Another instance restoring at the same moment (one evicted mid-restore) may have picked the same
-    /// epoch; its marker would then stand between what this one read and its own. Then this one fences again,
-    /// above it. Returns the epoch taken.
-    async fn fence(
-        &self,
-        partition: i32,
-        mut epoch: u64,
-        outboxes_done_below: i64,
-        read_end: i64,
-    ) -> anyhow::Result<u64> {
-        for _ in 0..5 {
-            let marker = Marker {
-                epoch,
-                outboxes_done_below,
-            };
-            let record = self.marker_record(partition, marker, now_millis()).await?;
-            let written = produce_all(&self.producer, &[record])
-                .await
-                .context("writing the partition marker")?;
-            let ours = written.first().map_or(i64::MAX, |(_, offset)| *offset);
-            let between = {
-                let (kafka, topic) = (self.config.kafka.clone(), self.config.topics.state());
-                tokio::task::spawn_blocking(move || {
-                    kafka.read_to_end(&topic, partition, Offset::Offset(read_end))
-                })
-                .await??
-            };
-            let mut rival = None;
-            for record in between.iter().filter(|r| r.offset() < ours) {
-                if record.key() != Some(MARKER_KEY.as_bytes()) {
-                    continue;
-                }
-                if let Ok(Ok(other)) = self
-                    .codec
-                    .decode::<WorkflowState>(record.payload())
-                    .await
-                    .map(|r| Marker::from_record(&r))
-                {
-                    rival = rival.max(Some(other.epoch));
-                }
+impl Prepared {
+    pub(crate) fn partition(&self) -> i32 {
+        self.partition
+    }
+}
+
+/// Fences a prepared partition: writes the marker of a new epoch, which goes first: from here on, whatever an
+/// older owner still writes is ignored. Another instance restoring at the same moment (one evicted mid-restore)
+/// may have picked the same epoch; its marker would then stand between what this one read and its own. Then this
+/// one fences again, above it. The caller checks, just before, that the group still assigns it the partition: a
+/// later marker wins, so one written by an instance that lost the partition would shut its new owner out.
+pub(crate) async fn fence(clients: Clients, mut prepared: Prepared) -> anyhow::Result<Prepared> {
+    let partition = prepared.partition;
+    let (outboxes_done_below, read_end) = (prepared.marker.outboxes_done_below, prepared.read_end);
+    let mut epoch = prepared.state.epoch;
+    for _ in 0..5 {
+        let marker = Marker {
+            epoch,
+            outboxes_done_below,
+        };
+        let record = marker_record(
+            &clients.codec,
+            &clients.topics,
+            partition,
+            marker,
+            now_millis(),
+        )
+        .await?;
+        let written = produce_all(&clients.producer, &[record])
+            .await
+            .context("writing the partition marker")?;
+        let ours = written.first().map_or(i64::MAX, |(_, offset)| *offset);
+        let between = {
+            let (kafka, topic) = (clients.kafka.clone(), clients.topics.state());
+            tokio::task::spawn_blocking(move || {
+                kafka.read_to_end(&topic, partition, Offset::Offset(read_end))
+            })
+            .await??
+        };
+        let mut rival = None;
+        for record in between.iter().filter(|r| r.offset() < ours) {
+            if record.key() != Some(MARKER_KEY.as_bytes()) {
+                continue;
             }
-            match rival {
-                Some(theirs) if theirs >= epoch => {
-                    tracing::warn!(
-                        partition,
-                        epoch,
-                        theirs,
-                        "another instance fenced this partition at the same time; fencing above it"
-                    );
-                    epoch = theirs.saturating_add(1);
-                }
-                _ => return Ok(epoch),
+            if let Ok(Ok(other)) = clients
+                .codec
+                .decode::<WorkflowState>(record.payload())
+                .await
+                .map(|r| Marker::from_record(&r))
+            {
+                rival = rival.max(Some(other.epoch));
             }
         }
-        anyhow::bail!(
-            "partition {partition}: could not take an epoch above racing instances in 5 tries"
-        )
+        match rival {
+            Some(theirs) if theirs >= epoch => {
+                tracing::warn!(
+                    partition,
+                    epoch,
+                    theirs,
+                    "another instance fenced this partition at the same time; fencing above it"
+                );
+                epoch = theirs.saturating_add(1);
+            }
+            _ => {
+                prepared.state.epoch = epoch;
+                return Ok(prepared);
+            }
+        }
     }
+    anyhow::bail!(
+        "partition {partition}: could not take an epoch above racing instances in 5 tries"
+    )
+}
 
-    /// Takes a prepared partition: fences it with a new epoch, re-produces what a crash left unproduced, records
-    /// that every outbox read is produced, and keeps the state.
+impl Orchestrator {
+    /// Takes a prepared (and fenced) partition: re-produces what a crash left unproduced, records that every
+    /// outbox read is produced, and keeps the state.
     pub(crate) async fn take_over(&mut self, prepared: Prepared) -> anyhow::Result<()> {
         let Prepared {
             partition,
-            mut state,
+            state,
             changed,
             read_end,
-            marker,
+            marker: _,
             replayed,
             zombies,
             records,
             started,
         } = prepared;
         let now = now_millis();
-        let epoch = self
-            .fence(partition, state.epoch, marker.outboxes_done_below, read_end)
-            .await?;
-        state.epoch = epoch;
+        let epoch = state.epoch;
         self.partitions.insert(partition, state);
         self.produce_outputs(&changed, &[], now).await?;
-        if let Some(state) = self.partitions.get_mut(&partition) {
-            for (_, id) in &changed {
-                if let Some(persisted) = state.instances.get_mut(id) {
-                    persisted.outbox.commands = Vec::new();
-                }
-            }
-        }
         // Every outbox read is produced now; the next restore starts its check after them.
         let checked = Marker {
             epoch,
@@ -279,24 +327,13 @@ impl Orchestrator {
         produce_all(&self.producer, &[checked])
             .await
             .context("writing the partition marker")?;
-        let Some(state) = self.partitions.get_mut(&partition) else {
+        let Some(state) = self.partitions.get(&partition) else {
             return Ok(());
         };
-        // Oldest end first: the index forgets (and purges) from its front.
-        let mut ended: Vec<(i64, String)> = state
-            .instances
-            .values()
-            .filter(|p| p.instance.is_terminal())
-            .map(|p| (p.instance.updated_at, p.instance.workflow_id.clone()))
-            .collect();
-        ended.sort();
-        for (_, id) in &ended {
-            state.retire(id);
-        }
         tracing::info!(
             partition,
             epoch,
-            running = state.instances.len(),
+            running = state.held(),
             ended = state.ended.len(),
             early = state.early.len(),
             replayed,
@@ -370,6 +407,8 @@ async fn read_record(
             epoch,
             offset,
             overwritten_by_zombie: false,
+            timer: None,
+            outbox: None,
             state: KeptState::Tombstone,
         };
         read.latest.insert(key, kept);
@@ -391,6 +430,8 @@ async fn read_record(
             epoch,
             offset,
             overwritten_by_zombie: false,
+            timer: timer_of(&record),
+            outbox: header(&record, OUTBOX_HEADER).map(<[u8]>::to_vec),
             state: KeptState::Raw(payload),
         };
         read.latest.insert(key, kept);
@@ -475,19 +516,14 @@ async fn check_outboxes(
     events_low: i64,
     changed: &mut BTreeSet<(i32, String)>,
 ) -> anyhow::Result<usize> {
-    let pending: Vec<String> = state
-        .instances
-        .values()
-        .filter(|p| !p.outbox.commands.is_empty())
-        .map(|p| p.instance.workflow_id.clone())
-        .collect();
+    let pending = state.with_outbox();
     if pending.is_empty() {
         return Ok(0);
     }
     // Events below the low watermark were deleted by retention: they were produced, long ago.
     let from = pending
         .iter()
-        .filter_map(|id| state.instances.get(id))
+        .filter_map(|id| state.live(id))
         .map(|p| p.outbox.events_from)
         .min()
         .unwrap_or(state.events_end)
@@ -518,7 +554,7 @@ async fn check_outboxes(
         |id: &str, event_id: &str| produced.contains(&(id.to_string(), event_id.to_string()));
     let mut replayed = 0;
     for id in pending {
-        let Some(persisted) = state.instances.get_mut(&id) else {
+        let Some(persisted) = state.live_mut(&id) else {
             continue;
         };
         if persisted.outbox.events_from < events_low {
@@ -556,21 +592,31 @@ fn is_ended(status: WorkflowStatus) -> bool {
     )
 }
 
-fn epoch_of(message: &OwnedMessage) -> u64 {
+fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
     message
-        .headers()
-        .and_then(|h| h.iter().find(|h| h.key == EPOCH_HEADER))
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
         .and_then(|h| h.value)
+}
+
+fn epoch_of(message: &OwnedMessage) -> u64 {
+    header(message, EPOCH_HEADER)
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
+/// The next timer a record's [`TIMER_HEADER`] names: `None` without the header, `Some(None)` for no timer. A
+/// value that is not a number counts as no header, so the state is parsed for its timer instead.
+fn timer_of(message: &OwnedMessage) -> Option<Option<Millis>> {
+    let value = header(message, TIMER_HEADER)?;
+    if value.is_empty() {
+        return Some(None);
+    }
+    std::str::from_utf8(value).ok()?.parse().ok().map(Some)
+}
+
 fn event_id_of(message: &OwnedMessage) -> Option<String> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == EVENT_ID_HEADER)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+    header(message, EVENT_ID_HEADER).map(|v| String::from_utf8_lossy(v).into_owned())
 }
