@@ -196,3 +196,51 @@ async fn a_task_of_a_killed_worker_is_redelivered_to_the_other_and_completes() {
     }
     drop(survivor);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrators_joining_and_leaving_under_load_complete_each_workflow_once() {
+    let cluster = Cluster::start();
+    let mut first = cluster.orchestrator();
+    cluster.wait_for_topics();
+    let _w1 = cluster.worker("w1", &SLOW_TASKS, 32);
+    let _w2 = cluster.worker("w2", &SLOW_TASKS, 32);
+    cluster.deploy(SLOW);
+    let workflows: Vec<(String, String)> = (0..400)
+        .map(|i| (format!("moving-{i}"), json!({"i": i}).to_string()))
+        .collect();
+    cluster.start_many("slow", &workflows).await;
+    let mut events = cluster.events();
+    events
+        .until(Duration::from_secs(60), |seen| ended(seen) >= 20)
+        .await;
+    // A second instance joins: the first gives up partitions while inputs keep arriving, the second restores
+    // them; then the first leaves gracefully and the second restores the rest, still under load.
+    let second = cluster.orchestrator();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !second.log().contains("restored partition") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second instance got no partition:\n{}",
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before_leave = ended(&events.seen);
+    assert!(before_leave < 400, "the rebalance must land mid-run");
+    assert!(first.process().terminate(Duration::from_secs(20)));
+    events
+        .until(Duration::from_secs(120), |seen| ended(seen) >= 400)
+        .await;
+    events.drain(Duration::from_secs(3)).await;
+    assert_each_completed_once(&events, 400);
+    let takeovers = second
+        .log()
+        .lines()
+        .filter(|l| l.contains("restored partition from the changelog"))
+        .count();
+    assert!(
+        takeovers >= common::PARTITIONS as usize,
+        "the second instance restored every partition in the end:\n{}",
+        second.log()
+    );
+}

@@ -498,9 +498,10 @@ impl Orchestrator {
                         self.record_change(partition, instance, commands, out)
                     }
                     Ok(_) => {
-                        // Not due after all (re-armed); keep it indexed.
+                        // Not due after all; keep it indexed as its state says.
+                        let next_timer = instance.next_timer();
                         if let Some(state) = self.partitions.get_mut(&partition) {
-                            state.reindex(&id);
+                            state.retime(&id, next_timer);
                         }
                     }
                     Err(message) => {

@@ -19,6 +19,7 @@ mod decode;
 pub mod definitions;
 pub mod partition;
 mod produce;
+mod rebalance;
 mod restore;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -215,115 +216,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-/// Most inputs held while partitions are restored; beyond it the assigned partitions are paused until the
-/// restore is done, and the consumer is still polled.
-const MAX_HELD_WHILE_RESTORING: usize = 5_000;
-
-/// Waits for every task of `reads` while polling the consumer, keeping what it delivers in `held`.
-async fn poll_while<T: 'static>(
-    consumer: &InputConsumer,
-    held: &mut Vec<OwnedMessage>,
-    reads: &mut tokio::task::JoinSet<anyhow::Result<T>>,
-) -> anyhow::Result<Vec<T>> {
-    let mut done = Vec::with_capacity(reads.len());
-    let mut paused = false;
-    while !reads.is_empty() {
-        tokio::select! {
-            read = reads.join_next() => {
-                if let Some(read) = read {
-                    done.push(read??);
-                }
-            }
-            polled = consumer.recv() => match polled {
-                Ok(message) => {
-                    held.push(message.detach());
-                    // Again every thousand: a partition assigned since is not paused yet.
-                    let over = held.len().saturating_sub(MAX_HELD_WHILE_RESTORING);
-                    if held.len() >= MAX_HELD_WHILE_RESTORING && (!paused || over % 1_000 == 0) {
-                        consumer.pause(&consumer.assignment()?)?;
-                        paused = true;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("consuming while restoring: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
-    if paused {
-        consumer.resume(&consumer.assignment()?)?;
-    }
-    Ok(done)
-}
-
 impl Orchestrator {
-    /// Forgets revoked partitions and restores newly assigned ones from the changelog; the partitions of one
-    /// assignment are read concurrently while the consumer keeps being polled (so that a long restore neither
-    /// exceeds `max.poll.interval.ms` nor misses a rebalance), then fenced concurrently, then taken over one by
-    /// one. Inputs polled meanwhile are added to `held`, for the next batch. Returns whether anything changed.
-    async fn handle_rebalances(
-        &mut self,
-        consumer: &InputConsumer,
-        held: &mut Vec<OwnedMessage>,
-    ) -> anyhow::Result<bool> {
-        let changes = consumer.context().take();
-        let changed = !changes.is_empty();
-        for (assigned, partitions) in changes {
-            if !assigned {
-                for partition in partitions {
-                    self.forget(partition, "revoked");
-                }
-                continue;
-            }
-            let mut reads = tokio::task::JoinSet::new();
-            for partition in partitions {
-                if !self.partitions.contains_key(&partition) {
-                    reads.spawn(restore::prepare(self.restore_clients(), partition));
-                }
-            }
-            let prepared = poll_while(consumer, held, &mut reads).await?;
-            // Only a partition the group still assigns is fenced: a marker written by an instance that lost it
-            // would outrank its new owner's.
-            let owned = consume::assigned(consumer, &self.config.topics.triggers());
-            let mut fences = tokio::task::JoinSet::new();
-            for prepared in prepared {
-                if owned.contains(&prepared.partition()) {
-                    fences.spawn(restore::fence(self.restore_clients(), prepared));
-                } else {
-                    tracing::info!(
-                        partition = prepared.partition(),
-                        "revoked while it was being restored; not taken"
-                    );
-                }
-            }
-            while let Some(fenced) = fences.join_next().await {
-                self.take_over(fenced??).await?;
-            }
-        }
-        Ok(changed)
-    }
-
-    fn restore_clients(&self) -> restore::Clients {
-        restore::Clients {
-            kafka: self.config.kafka.clone(),
-            producer: self.producer.clone(),
-            codec: self.codec.clone(),
-            topics: self.config.topics.clone(),
-        }
-    }
-
-    fn forget(&mut self, partition: i32, why: &str) {
-        if let Some(state) = self.partitions.remove(&partition) {
-            tracing::info!(
-                partition,
-                running = state.held(),
-                ended = state.ended.len(),
-                "partition {why}; its state is forgotten"
-            );
-        }
-    }
-
     async fn process(
         &mut self,
         consumer: &InputConsumer,

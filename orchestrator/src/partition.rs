@@ -253,8 +253,14 @@ impl Persisted {
             record.output.as_deref(),
         )?;
         if let Some(outbox) = outbox {
-            persisted.outbox = serde_json::from_slice(outbox)
-                .map_err(|e| format!("the record's outbox is unreadable: {e}"))?;
+            match serde_json::from_slice(outbox) {
+                Ok(outbox) => persisted.outbox = outbox,
+                // The state is still good: keeping the workflow without the outbox loses less than dropping it.
+                Err(e) => tracing::error!(
+                    workflow_id = %record.workflow_id,
+                    "the changelog record's outbox is unreadable ({e}); what it held is not produced again"
+                ),
+            }
         }
         let instance = &persisted.instance;
         // A dispatch whose attempt no longer runs would be answered and ignored: it is dropped, not re-sent.
@@ -545,9 +551,13 @@ impl PartitionState {
         self.ended.insert(id.to_string(), ended_at);
     }
 
-    /// Indexes the timer of workflow `id` again (after it was taken as due but the engine re-armed it).
-    pub fn reindex(&mut self, id: &str) {
-        if let Some(due) = self.instances.get(id).and_then(Held::next_timer) {
+    /// Indexes the timer of workflow `id` again, due at `due` as its parsed state says (after it was taken as due
+    /// but the engine found nothing due: a packed workflow's timer came from a record header, which may be wrong).
+    pub fn retime(&mut self, id: &str, due: Option<Millis>) {
+        if let Some(Held::Packed(packed)) = self.instances.get_mut(id) {
+            packed.next_timer = due;
+        }
+        if let Some(due) = due {
             self.timers.insert((due, id.to_string()));
         }
     }
@@ -748,8 +758,10 @@ mod tests {
             persisted.instance
         );
         assert_eq!(state.take_due(due), ["w-2"]);
-        state.reindex("w-2");
-        assert_eq!(state.take_due(due), ["w-2"]);
+        state.retime("w-2", Some(due + 1));
+        assert!(state.take_due(due).is_empty());
+        assert_eq!(state.take_due(due + 1), ["w-2"]);
+        state.retime("w-2", Some(due));
         state.remove("w-2");
         assert!(state.take_due(due).is_empty() && !state.knows("w-2"));
     }
