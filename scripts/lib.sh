@@ -85,3 +85,61 @@ start_local_stack() {
 
 # rss_kib PID: resident memory of PID in KiB.
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# restored_all BEGAN_MS LOG: waits until every partition (6) of LOG is restored; prints the ms since BEGAN_MS.
+restored_all() {
+  local began=$1 log=$2
+  for _ in $(seq 1 6000); do
+    if [ "$(grep -c 'restored partition' "$log" 2>/dev/null)" -ge 6 ]; then
+      echo "$(( $(date +%s%N) / 1000000 - began ))"; return 0
+    fi
+    sleep 0.05
+  done
+  echo "not every partition was restored within 5 min" >&2; return 1
+}
+
+# measure_in_flight BIN WORK "TARGETS" WORKFLOW [JSON]: for each target count, starts workflows of WORKFLOW (whose
+# task no worker serves) until that many are in flight, reports the orchestrator's RSS per in-flight workflow,
+# SIGKILLs it and reports how long a new one takes to restore every partition. Uses $orchestrator and the
+# caller's `start_orchestrator NAME` (which sets $orchestrator and logs to WORK/orchestrator-NAME.log). With
+# JSON, also writes the figures there as a JSON array.
+measure_in_flight() {
+  local bin=$1 work=$2 targets=$3 workflow=$4 json=${5:-} total=0 target more before now began ms slowest
+  local restored applied i rows=()
+  for target in $targets; do
+    more=$(( target - total ))
+    [ "$more" -gt 0 ] || continue
+    before=$(rss_kib "$orchestrator")
+    echo "==> $target workflows in flight (+$more)"
+    "$bin"/edow load "$workflow" --count "$more" --id-prefix "$workflow-$target" --no-wait >/dev/null
+    # A partition applies its triggers in order, so all are applied once the last one of every partition is in
+    # the changelog; the last 64 started cover all 6 partitions but with odds of about 1 in 16,000.
+    for _ in $(seq 1 600); do
+      applied=1
+      for i in $(seq $((more > 64 ? more - 64 : 0)) $((more - 1))); do
+        "$bin"/edow status "$workflow-$target-$i" >/dev/null 2>&1 || { applied=0; break; }
+      done
+      [ "$applied" = 1 ] && break
+      sleep 0.5
+    done
+    sleep 3
+    total=$target
+    now=$(rss_kib "$orchestrator")
+    echo "   RSS $((now / 1024)) MiB; $(( (now - before) * 1024 / more )) bytes per added in-flight workflow"
+    kill -KILL "$orchestrator"; wait "$orchestrator" 2>/dev/null || true
+    began=$(( $(date +%s%N) / 1000000 ))
+    start_orchestrator "$target"
+    ms=$(restored_all "$began" "$work/orchestrator-$target.log")
+    slowest=$(grep -o 'elapsed_ms=[0-9]*' "$work/orchestrator-$target.log" | cut -d= -f2 | sort -n | tail -n 1)
+    sleep 2
+    restored=$(rss_kib "$orchestrator")
+    echo "   SIGKILL, then a new orchestrator restored all 6 partitions ${ms} ms after it started (group join"
+    echo "   included; partitions are restored concurrently, the slowest took ${slowest} ms)"
+    echo "   RSS after restore: $((restored / 1024)) MiB; $(( restored * 1024 / target )) bytes per in-flight workflow (all included)"
+    rows+=("{\"in_flight\": $target, \"added_bytes_per_workflow\": $(( (now - before) * 1024 / more )), \"restore_ms_after_start\": $ms, \"restore_ms_slowest_partition\": $slowest, \"rss_kib_after_restore\": $restored, \"bytes_per_workflow_after_restore\": $(( restored * 1024 / target ))}")
+  done
+  if [ -n "$json" ]; then
+    local IFS=,
+    echo "[${rows[*]}]" >"$json"
+  fi
+}
