@@ -83,6 +83,9 @@ impl Kafka {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "20")
+            // librdkafka prefetches up to 64 MiB per partition by default; restore runs a reader per partition
+            // at once, and 8 MiB keeps it fed as well.
+            .set("queued.max.messages.kbytes", "8192")
             .create()
             .context("creating a Kafka reader")
     }
