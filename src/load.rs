@@ -20,6 +20,8 @@ pub struct Load {
     pub timeout: Duration,
     /// Only start the instances; do not follow them to their end.
     pub no_wait: bool,
+    /// Follow them only until every one has started (its state is in the changelog then).
+    pub until_started: bool,
 }
 
 /// The value at quantile `q` of sorted `values`.
@@ -93,9 +95,14 @@ pub async fn run(kafka: &Kafka, codec: &Codec, topics: &Topics, load: Load) -> a
     let mut workflow_started: HashMap<String, i64> = HashMap::new();
     let mut end_to_end = Vec::new();
     let (mut completed, mut failed, mut retries) = (0usize, 0usize, 0usize);
+    let mut started = HashSet::new();
     let mut last_report = Instant::now();
     let deadline = tokio::time::Instant::now() + load.timeout;
     while completed + failed < load.count {
+        if load.until_started && started.len() == load.count {
+            println!("all {} started in {:?}", load.count, began.elapsed());
+            return Ok(());
+        }
         let msg = tokio::time::timeout_at(deadline, consumer.recv())
             .await
             .with_context(|| {
@@ -119,6 +126,7 @@ pub async fn run(kafka: &Kafka, codec: &Codec, topics: &Topics, load: Load) -> a
         };
         match event.kind {
             LifecycleKind::WorkflowStarted => {
+                started.insert(event.workflow_id.clone());
                 workflow_started.insert(event.workflow_id.clone(), event.at);
             }
             LifecycleKind::StepStarted => {

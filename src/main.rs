@@ -57,6 +57,15 @@ struct Cli {
         default_value_t = 1
     )]
     replication_factor: i32,
+    /// A librdkafka setting over edow's own, as KEY=VALUE; repeat it, or comma-separate them in the variable.
+    #[arg(
+        long = "kafka-option",
+        global = true,
+        env = "EDOW_KAFKA_OPTIONS",
+        value_delimiter = ',',
+        value_parser = edow_kafka::args::parse_option
+    )]
+    kafka_options: Vec<(String, String)>,
     #[command(subcommand)]
     command: Command,
 }
@@ -124,6 +133,9 @@ enum Command {
         /// Only start them: produce the triggers and exit without following the instances.
         #[arg(long)]
         no_wait: bool,
+        /// Follow the instances only until every one has started (its state is in the changelog then).
+        #[arg(long, conflicts_with = "no_wait")]
+        until_started: bool,
     },
     /// Measure edow against the raw Kafka ceiling on this cluster: closed loops at each in-flight level, with
     /// throughput, client-side latency percentiles and CPU per process (see scripts/bench, which starts a stack).
@@ -190,7 +202,8 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let topics = Topics::new(cli.topic_prefix.clone());
-    let kafka = Kafka::new(cli.bootstrap_servers.clone());
+    let mut kafka = Kafka::new(cli.bootstrap_servers.clone());
+    kafka.options = cli.kafka_options.clone();
     let codec = Codec::new(&cli.registry)?;
     match cli.command {
         Command::Schemas { action } => schemas(&codec, &cli.registry, &topics, action).await,
@@ -228,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             id_prefix,
             timeout,
             no_wait,
+            until_started,
         } => {
             let prefix = id_prefix.unwrap_or_else(|| format!("{name}-{:x}", now_millis()));
             let settings = load::Load {
@@ -237,6 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 prefix,
                 timeout: Duration::from_secs(timeout),
                 no_wait,
+                until_started,
             };
             load::run(&kafka, &codec, &topics, settings).await
         }

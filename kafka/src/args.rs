@@ -34,12 +34,29 @@ pub struct ClusterArgs {
     /// Consumer group session timeout in milliseconds: how long a dead member keeps its partitions.
     #[arg(long, env = "EDOW_SESSION_TIMEOUT_MS", default_value_t = 6000)]
     pub session_timeout_ms: u64,
+    /// A librdkafka setting over edow's own, as KEY=VALUE, for every client (e.g. security.protocol=SSL,
+    /// linger.ms=0); repeat it, or comma-separate them in the environment variable.
+    #[arg(long = "kafka-option", env = "EDOW_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_option)]
+    pub kafka_options: Vec<(String, String)>,
+}
+
+/// A `KEY=VALUE` librdkafka setting.
+pub fn parse_option(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.trim().to_string()))
+        }
+        _ => Err(format!(
+            "'{text}' is not a librdkafka setting of the form KEY=VALUE (e.g. linger.ms=0)"
+        )),
+    }
 }
 
 impl ClusterArgs {
     pub fn kafka(&self) -> Kafka {
         let mut kafka = Kafka::new(self.bootstrap_servers.clone());
         kafka.session_timeout = Duration::from_millis(self.session_timeout_ms);
+        kafka.options = self.kafka_options.clone();
         kafka
     }
 

@@ -29,6 +29,9 @@ pub struct Kafka {
     pub bootstrap_servers: String,
     /// Consumer group session timeout: how long a dead member keeps its partitions.
     pub session_timeout: Duration,
+    /// librdkafka settings given by the operator (`--kafka-option`), applied over edow's own to every client
+    /// (security settings, tuning).
+    pub options: Vec<(String, String)>,
 }
 
 impl Kafka {
@@ -36,7 +39,16 @@ impl Kafka {
         Kafka {
             bootstrap_servers: bootstrap_servers.into(),
             session_timeout: Duration::from_secs(6),
+            options: Vec::new(),
         }
+    }
+
+    /// `config` with the operator's options over it.
+    fn finish(&self, mut config: ClientConfig) -> ClientConfig {
+        for (key, value) in &self.options {
+            config.set(key, value);
+        }
+        config
     }
 
     fn base(&self) -> ClientConfig {
@@ -48,12 +60,14 @@ impl Kafka {
     /// An idempotent producer that partitions keys with murmur2, as Java clients do, so that records keyed by
     /// workflow id land in the same partition whoever writes them.
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
-        self.base()
+        let mut config = self.base();
+        config
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000")
+            .set("message.timeout.ms", "30000");
+        self.finish(config)
             .create()
             .context("creating a Kafka producer")
     }
@@ -73,19 +87,21 @@ impl Kafka {
             )
             .set("heartbeat.interval.ms", "500")
             .set("fetch.wait.max.ms", "20");
-        config
+        self.finish(config)
     }
 
     /// A consumer that reads assigned partitions only (no group membership, no commits).
     pub fn reader(&self) -> anyhow::Result<BaseConsumer> {
-        self.base()
+        let mut config = self.base();
+        config
             .set("group.id", "edow-reader")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "20")
             // librdkafka prefetches up to 64 MiB per partition by default; restore runs a reader per partition
             // at once, and 8 MiB keeps it fed as well.
-            .set("queued.max.messages.kbytes", "8192")
+            .set("queued.max.messages.kbytes", "8192");
+        self.finish(config)
             .create()
             .context("creating a Kafka reader")
     }
@@ -93,7 +109,7 @@ impl Kafka {
     /// Creates the topics that are missing and checks the partition count of those that exist.
     pub async fn ensure_topics(&self, topics: &[TopicSpec]) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = self
-            .base()
+            .finish(self.base())
             .create()
             .context("creating a Kafka admin client")?;
         let new_topics: Vec<NewTopic<'_>> = topics
@@ -352,13 +368,32 @@ pub async fn produce_all(
     producer: &FutureProducer,
     records: &[Outgoing],
 ) -> anyhow::Result<Vec<(i32, i64)>> {
+    let pending = send_all(producer, records).await?;
+    acknowledged(pending).await
+}
+
+/// A record handed to the producer, with where it goes (for errors).
+pub struct Sent {
+    pub topic: String,
+    pub delivery: rdkafka::producer::DeliveryFuture,
+}
+
+/// Hands every record to the producer, in order, waiting while its queue is full, without waiting for
+/// acknowledgements: see [`acknowledged`].
+pub async fn send_all(
+    producer: &FutureProducer,
+    records: &[Outgoing],
+) -> anyhow::Result<Vec<Sent>> {
     let mut pending = Vec::with_capacity(records.len());
     for out in records {
         let mut record = future_record(out);
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {
-                    pending.push(delivery);
+                    pending.push(Sent {
+                        topic: out.topic.clone(),
+                        delivery,
+                    });
                     break;
                 }
                 Err((
@@ -376,13 +411,20 @@ pub async fn produce_all(
             }
         }
     }
+    Ok(pending)
+}
+
+/// Waits for the acknowledgement of every record sent; returns (partition, offset) of each, in order. Fails on
+/// the first record not acknowledged (librdkafka gave up after `message.timeout.ms`).
+pub async fn acknowledged(pending: Vec<Sent>) -> anyhow::Result<Vec<(i32, i64)>> {
     let mut positions = Vec::with_capacity(pending.len());
-    for (delivery, out) in pending.into_iter().zip(records) {
-        let delivered = delivery
+    for sent in pending {
+        let delivered = sent
+            .delivery
             .await
             .context("the producer was dropped before acknowledging")?
             .map_err(|(e, _)| e)
-            .with_context(|| format!("producing to {}", out.topic))?;
+            .with_context(|| format!("producing to {}", sent.topic))?;
         positions.push((delivered.partition, delivered.offset));
     }
     Ok(positions)

@@ -8,8 +8,9 @@
 //!
 //! Each changelog record carries an outbox: the commands of the instance's last change. Outputs are produced only
 //! after the changelog record is acknowledged, so after a crash the outbox tells a restoring instance what may not
-//! have been produced; it checks the co-partitioned events topic for those event ids and re-produces only what is
-//! missing. That is how a crash neither loses a step nor emits a lifecycle event twice.
+//! have been produced; it checks the co-partitioned events topic for those event ids, re-produces the events that
+//! are missing and the tasks and workflow records again (duplicates of those are harmless). That is how a crash
+//! neither loses a step nor emits a lifecycle event twice.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 

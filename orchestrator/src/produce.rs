@@ -1,7 +1,9 @@
 //! The producing edge: the records of a batch. Per changed workflow, its changelog record (state and outbox), the
 //! tasks and workflow records of its outbox, and its lifecycle events; then tombstones of purged workflows.
-//! Changelog records are written and acknowledged first, then tasks, then events (see `partition` for why that
-//! order makes the outbox check at restore sound).
+//! Changelog records are written and acknowledged first (the one write a step waits for); then the tasks and events
+//! are handed to a background task that waits for their acknowledgements while the next batch is applied, and
+//! the next batch waits for it before writing its own changelog records, so that only the latest batch's outboxes
+//! can ever be unconfirmed (see `partition` and `restore` for why that makes the outbox check at restore sound).
 //!
 //! Every record is checked against `max_record_bytes` before anything is produced: a workflow with a record
 //! over it is failed (`state_too_large`) and its records built again, so an oversized state can never make the
@@ -11,7 +13,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use anyhow::Context;
 use edow_engine::{Command, Dispatch, Event, EventKind, Instance, Outcome};
-use edow_kafka::{now_millis, produce_all, Outgoing, TopicSpec, EVENT_ID_HEADER};
+use edow_kafka::{
+    acknowledged, now_millis, produce_all, send_all, Outgoing, TopicSpec, EVENT_ID_HEADER,
+};
 use edow_schemas::contracts::{
     LifecycleEvent, LifecycleKind, SignalKind, TaskError, TaskRequested, TaskResult, TaskStatus,
     WorkflowSignal, WorkflowTrigger,
@@ -23,6 +27,9 @@ use crate::partition::{
     EarlySignal, Marker, Packed, EPOCH_HEADER, MARKER_KEY, OUTBOX_HEADER, TIMER_HEADER,
 };
 use crate::{Orchestrator, DEPTH_ATTRIBUTE, PARENT_ATTRIBUTE};
+
+/// How often a partition's marker is written while it changes.
+const MARKER_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The records of one changed workflow.
 struct WorkflowRecords {
@@ -53,8 +60,8 @@ impl WorkflowRecords {
 }
 
 impl Orchestrator {
-    /// Writes the changelog records of `changed` and the tombstones of `purged`, then produces the outboxes:
-    /// tasks first, then events.
+    /// Writes the changelog records of `changed` and the tombstones of `purged`, then sends the outboxes' tasks
+    /// and events without waiting for them (see [`Orchestrator::confirm_outputs`]).
     pub(crate) async fn produce_outputs(
         &mut self,
         changed: &BTreeSet<(i32, String)>,
@@ -64,6 +71,7 @@ impl Orchestrator {
         if changed.is_empty() && purged.is_empty() {
             return Ok(());
         }
+        let began = std::time::Instant::now();
         let topics = self.config.topics.clone();
         let mut changelog = Vec::with_capacity(changed.len() + purged.len());
         let mut tasks = Vec::new();
@@ -123,44 +131,99 @@ impl Orchestrator {
                 headers: vec![(EPOCH_HEADER, self.epoch_of(*partition))],
             });
         }
+        // Every outbox before this batch's must be produced before its changelog records are written: a
+        // restore checks only the latest record's outbox of each workflow. (Built first: the wait overlaps.)
+        let built = began.elapsed();
+        self.confirm_outputs().await?;
+        let confirmed = began.elapsed();
         let written = produce_all(&self.producer, &changelog)
             .await
             .context("writing the changelog")?;
-        produce_all(&self.producer, &tasks)
-            .await
-            .context("dispatching tasks")?;
-        let positions = produce_all(&self.producer, &events)
-            .await
-            .context("emitting lifecycle events")?;
-        for (partition, offset) in positions {
-            if let Some(state) = self.partitions.get_mut(&partition) {
-                state.events_end = state.events_end.max(offset + 1);
-            }
-        }
-        // Produced: the outboxes are needed only in the changelog now, for a crash; memory keeps none.
-        for (partition, id, packed) in settled {
-            if let Some(state) = self.partitions.get_mut(&partition) {
-                state.settle(id, packed);
-            }
-        }
-        // Every outbox written so far is produced: record that, so a restore checks only what comes after. Not
-        // awaited: a lost marker only makes the next restore check more.
+        tracing::debug!(
+            build_us = built.as_micros() as u64,
+            confirm_wait_us = (confirmed - built).as_micros() as u64,
+            changelog_us = (began.elapsed() - confirmed).as_micros() as u64,
+            records = changelog.len(),
+            "changelog written"
+        );
+        // Every outbox written so far is produced once these outputs are: the markers record that, so a restore
+        // checks only what comes after (not awaited: a lost marker only makes the next restore check more).
         let mut done_below: HashMap<i32, i64> = HashMap::new();
         for (partition, offset) in written {
             let end = done_below.entry(partition).or_default();
             *end = (*end).max(offset + 1);
         }
+        let mut markers = Vec::with_capacity(done_below.len());
         for (partition, outboxes_done_below) in done_below {
+            // At most one per partition per MARKER_EVERY: each is a write the broker serves, and one missed
+            // only makes a restore check a little more.
+            if self
+                .last_marker
+                .get(&partition)
+                .is_some_and(|at| at.elapsed() < MARKER_EVERY)
+            {
+                continue;
+            }
+            self.last_marker
+                .insert(partition, std::time::Instant::now());
             if let Some(epoch) = self.partitions.get(&partition).map(|s| s.epoch) {
                 let marker = Marker {
                     epoch,
                     outboxes_done_below,
                 };
-                let record = self.marker_record(partition, marker, now).await?;
-                send_unawaited(&self.producer, &record);
+                markers.push(self.marker_record(partition, marker, now).await?);
+            }
+        }
+        // Off the critical path: the tasks and the events, then the markers. The next batch is applied meanwhile
+        // and awaits this before writing its own changelog records.
+        let producer = self.producer.clone();
+        let tasks = send_all(&producer, &tasks)
+            .await
+            .context("dispatching tasks")?;
+        let events = send_all(&producer, &events)
+            .await
+            .context("emitting lifecycle events")?;
+        self.outputs_in_flight = Some(tokio::spawn(async move {
+            acknowledged(tasks).await.context("dispatching tasks")?;
+            let positions = acknowledged(events)
+                .await
+                .context("emitting lifecycle events")?;
+            for marker in &markers {
+                send_unawaited(&producer, marker);
+            }
+            Ok(positions)
+        }));
+        // Written: the outboxes are needed only in the changelog now, for a crash; memory keeps none.
+        for (partition, id, packed) in settled {
+            if let Some(state) = self.partitions.get_mut(&partition) {
+                state.settle(id, packed);
             }
         }
         Ok(())
+    }
+
+    /// Waits until the outputs of the last batch are acknowledged (see `produce_outputs`); an output that could
+    /// not be produced fails the process, whose restart produces it again from the changelog.
+    pub(crate) async fn confirm_outputs(&mut self) -> anyhow::Result<()> {
+        let Some(in_flight) = self.outputs_in_flight.take() else {
+            return Ok(());
+        };
+        let positions = in_flight
+            .await
+            .context("producing a batch's outputs stopped")??;
+        for (partition, offset) in positions {
+            if let Some(state) = self.partitions.get_mut(&partition) {
+                state.events_end = state.events_end.max(offset + 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the outputs of the last batch are done being produced (acknowledged or failed).
+    pub(crate) fn outputs_settled(&self) -> bool {
+        self.outputs_in_flight
+            .as_ref()
+            .is_some_and(|in_flight| in_flight.is_finished())
     }
 
     /// Writes the early-signal records of `early` that still wait for their workflow (the others were applied

@@ -318,6 +318,7 @@ impl Orchestrator {
         let epoch = state.epoch;
         self.partitions.insert(partition, state);
         self.produce_outputs(&changed, &[], now).await?;
+        self.confirm_outputs().await?;
         // Every outbox read is produced now; the next restore starts its check after them.
         let checked = Marker {
             epoch,
@@ -561,20 +562,17 @@ async fn check_outboxes(
             persisted.outbox.commands.clear();
             continue;
         }
-        let missing = persisted.outbox.commands.iter().any(|c| match c {
+        // Tasks and events of one outbox are produced concurrently, so an event present says nothing of the
+        // tasks: what addresses tasks and other workflows is produced again (duplicates are harmless: task ids
+        // are deterministic, triggers and signals deduplicated), events only when missing (they must not
+        // repeat).
+        persisted.outbox.commands.retain(|c| match c {
             Command::Emit(e) => !is_produced(&id, &e.event_id),
-            _ => false,
+            _ => true,
         });
-        if missing {
-            // Produce the whole outbox minus the events already there; duplicate tasks are harmless.
-            persisted.outbox.commands.retain(|c| match c {
-                Command::Emit(e) => !is_produced(&id, &e.event_id),
-                _ => true,
-            });
+        if !persisted.outbox.commands.is_empty() {
             replayed += 1;
             changed.insert((partition, id));
-        } else {
-            persisted.outbox.commands.clear();
         }
     }
     Ok(replayed)
