@@ -40,8 +40,33 @@ pub struct ClusterArgs {
     pub kafka_options: Vec<(String, String)>,
 }
 
-/// A `KEY=VALUE` librdkafka setting.
+/// librdkafka settings edow's guarantees rest on: an operator may not change them.
+const FIXED_OPTIONS: [&str; 8] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "acks",
+    "partitioner",
+    "isolation.level",
+];
+
+/// A `KEY=VALUE` librdkafka setting; an empty text (an empty variable) sets nothing.
 pub fn parse_option(text: &str) -> Result<(String, String), String> {
+    if text.trim().is_empty() {
+        return Ok((String::new(), String::new()));
+    }
+    if let Some(key) = text
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| FIXED_OPTIONS.contains(k))
+    {
+        return Err(format!(
+            "'{key}' is set by edow and cannot be changed: exactly-once processing depends on it (bootstrap \
+             servers have their own option)"
+        ));
+    }
     match text.split_once('=') {
         Some((key, value)) if !key.trim().is_empty() => {
             Ok((key.trim().to_string(), value.trim().to_string()))
@@ -62,5 +87,24 @@ impl ClusterArgs {
 
     pub fn topics(&self) -> Topics {
         Topics::new(self.topic_prefix.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_option;
+
+    #[test]
+    fn options_are_key_value_and_guarantees_cannot_be_changed() {
+        assert_eq!(
+            parse_option(" linger.ms = 0 ").unwrap(),
+            ("linger.ms".to_string(), "0".to_string())
+        );
+        assert_eq!(parse_option("").unwrap().0, "");
+        assert!(parse_option("linger.ms").is_err());
+        assert!(parse_option("=5").is_err());
+        let refused = parse_option("enable.auto.commit=true").unwrap_err();
+        assert!(refused.contains("enable.auto.commit"), "{refused}");
+        assert!(parse_option("acks=1").is_err());
     }
 }

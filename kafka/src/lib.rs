@@ -45,7 +45,7 @@ impl Kafka {
 
     /// `config` with the operator's options over it.
     fn finish(&self, mut config: ClientConfig) -> ClientConfig {
-        for (key, value) in &self.options {
+        for (key, value) in self.options.iter().filter(|(key, _)| !key.is_empty()) {
             config.set(key, value);
         }
         config

@@ -8,15 +8,39 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::OwnedMessage;
+use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Message, TopicPartitionList};
 
-/// Partition changes seen by the consumer, handled between batches.
-#[derive(Default)]
+/// Partition changes seen by the consumer, handled between batches. Before partitions are given up, every
+/// output produced so far is flushed: their next owner reads the events topic to find what is missing, and an
+/// event still in flight would be emitted twice.
 pub struct RebalanceTracker {
     changes: Mutex<Vec<(bool, BTreeSet<i32>)>>,
+    producer: FutureProducer,
+    flush_failed: Mutex<Option<String>>,
 }
 
+/// How long a revocation waits for the outputs in flight.
+const FLUSH_ON_REVOKE: Duration = Duration::from_secs(30);
+
 impl RebalanceTracker {
+    pub fn new(producer: FutureProducer) -> RebalanceTracker {
+        RebalanceTracker {
+            changes: Mutex::default(),
+            producer,
+            flush_failed: Mutex::default(),
+        }
+    }
+
+    /// Why outputs could not be flushed before a revocation, if they could not: the process must stop, so that
+    /// a restart produces them again from the changelog.
+    pub fn flush_failure(&self) -> Option<String> {
+        self.flush_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
     fn record(&self, assigned: bool, list: &TopicPartitionList) {
         let partitions: BTreeSet<i32> = list.elements().iter().map(|e| e.partition()).collect();
         self.changes
@@ -36,6 +60,12 @@ impl ClientContext for RebalanceTracker {}
 impl ConsumerContext for RebalanceTracker {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
+            use rdkafka::producer::Producer;
+            if let Err(e) = self.producer.flush(FLUSH_ON_REVOKE) {
+                *self.flush_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                    "the outputs in flight were not acknowledged within {FLUSH_ON_REVOKE:?} of a revocation: {e}"
+                ));
+            }
             self.record(false, list);
         }
     }

@@ -149,12 +149,13 @@ struct Orchestrator {
     partitions: HashMap<i32, PartitionState>,
     task_topics: HashSet<String>,
     /// The last batch's tasks and events being produced, with their positions in the events topic once done.
-    outputs_in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Vec<(i32, i64)>>>>,
+    outputs_in_flight: Option<tokio::task::JoinHandle<anyhow::Result<produce::Confirmed>>>,
     /// Offsets of applied inputs not committed yet, and when the last commit was.
     to_commit: HashMap<(String, i32), i64>,
     last_commit: Instant,
-    /// When each partition's marker was last written.
+    /// When each partition's marker was last written, and the markers confirmed but not written yet.
     last_marker: HashMap<i32, Instant>,
+    markers_due: HashMap<i32, i64>,
 }
 
 /// How often input offsets are committed.
@@ -192,7 +193,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .set("partition.assignment.strategy", "range")
         // Every batch, restore and registry wait is bounded well below this (see `registry_stall_bound`).
         .set("max.poll.interval.ms", "300000")
-        .create_with_context(consume::RebalanceTracker::default())
+        .create_with_context(consume::RebalanceTracker::new(producer.clone()))
         .context("creating the orchestrator's consumer")?;
     consumer.subscribe(&[&topics.triggers(), &topics.signals(), &topics.results()])?;
     tracing::info!(group = %config.group, partitions = n, "orchestrator started");
@@ -208,6 +209,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         to_commit: HashMap::new(),
         last_commit: Instant::now(),
         last_marker: HashMap::new(),
+        markers_due: HashMap::new(),
     };
     tokio::pin!(shutdown);
     let mut last_trim = Instant::now();
@@ -225,14 +227,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             trim_memory();
             last_trim = Instant::now();
         }
+        if let Some(failure) = consumer.context().flush_failure() {
+            anyhow::bail!("{failure}; stopping so that a restart produces them from the changelog");
+        }
         if orchestrator.outputs_settled() {
             orchestrator.confirm_outputs().await?;
         }
+        orchestrator.write_markers(false).await?;
         orchestrator.process(&consumer, batch).await?;
     }
     tracing::info!("shutting down: leaving the consumer group");
     orchestrator.confirm_outputs().await?;
+    orchestrator.write_markers(true).await?;
     orchestrator.commit(&consumer, true)?;
+    {
+        use rdkafka::producer::Producer;
+        if let Err(e) = orchestrator.producer.flush(Duration::from_secs(10)) {
+            tracing::warn!("flushing the last partition markers: {e}");
+        }
+    }
     consumer.unsubscribe();
     Ok(())
 }

@@ -28,6 +28,13 @@ use crate::partition::{
 };
 use crate::{Orchestrator, DEPTH_ATTRIBUTE, PARENT_ATTRIBUTE};
 
+/// What a batch's background task reports once its outputs are acknowledged: the events' positions, and below
+/// which changelog offset each partition's outboxes are now all produced.
+pub(crate) struct Confirmed {
+    events: Vec<(i32, i64)>,
+    done_below: HashMap<i32, i64>,
+}
+
 /// How often a partition's marker is written while it changes.
 const MARKER_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -146,36 +153,15 @@ impl Orchestrator {
             records = changelog.len(),
             "changelog written"
         );
-        // Every outbox written so far is produced once these outputs are: the markers record that, so a restore
-        // checks only what comes after (not awaited: a lost marker only makes the next restore check more).
+        // Every outbox written so far is produced once these outputs are: a marker records that (see
+        // `write_markers`), so that a restore checks only what comes after.
         let mut done_below: HashMap<i32, i64> = HashMap::new();
         for (partition, offset) in written {
             let end = done_below.entry(partition).or_default();
             *end = (*end).max(offset + 1);
         }
-        let mut markers = Vec::with_capacity(done_below.len());
-        for (partition, outboxes_done_below) in done_below {
-            // At most one per partition per MARKER_EVERY: each is a write the broker serves, and one missed
-            // only makes a restore check a little more.
-            if self
-                .last_marker
-                .get(&partition)
-                .is_some_and(|at| at.elapsed() < MARKER_EVERY)
-            {
-                continue;
-            }
-            self.last_marker
-                .insert(partition, std::time::Instant::now());
-            if let Some(epoch) = self.partitions.get(&partition).map(|s| s.epoch) {
-                let marker = Marker {
-                    epoch,
-                    outboxes_done_below,
-                };
-                markers.push(self.marker_record(partition, marker, now).await?);
-            }
-        }
-        // Off the critical path: the tasks and the events, then the markers. The next batch is applied meanwhile
-        // and awaits this before writing its own changelog records.
+        // Off the critical path: the tasks and the events are acknowledged by a background task. The next batch is
+        // applied meanwhile and awaits it before writing its own changelog records.
         let producer = self.producer.clone();
         let tasks = send_all(&producer, &tasks)
             .await
@@ -188,10 +174,10 @@ impl Orchestrator {
             let positions = acknowledged(events)
                 .await
                 .context("emitting lifecycle events")?;
-            for marker in &markers {
-                send_unawaited(&producer, marker);
-            }
-            Ok(positions)
+            Ok(Confirmed {
+                events: positions,
+                done_below,
+            })
         }));
         // Written: the outboxes are needed only in the changelog now, for a crash; memory keeps none.
         for (partition, id, packed) in settled {
@@ -208,13 +194,51 @@ impl Orchestrator {
         let Some(in_flight) = self.outputs_in_flight.take() else {
             return Ok(());
         };
-        let positions = in_flight
+        let confirmed = in_flight
             .await
             .context("producing a batch's outputs stopped")??;
-        for (partition, offset) in positions {
+        for (partition, offset) in confirmed.events {
             if let Some(state) = self.partitions.get_mut(&partition) {
                 state.events_end = state.events_end.max(offset + 1);
             }
+        }
+        for (partition, done_below) in confirmed.done_below {
+            let pending = self.markers_due.entry(partition).or_default();
+            *pending = (*pending).max(done_below);
+        }
+        Ok(())
+    }
+
+    /// Writes the marker of each owned partition whose confirmed outboxes are past its last marker, at most one
+    /// per partition per [`MARKER_EVERY`] unless `now` (each is a write the broker serves; one written late
+    /// only makes a restore check a little more). Not awaited: a lost marker only makes the next restore check
+    /// more.
+    pub(crate) async fn write_markers(&mut self, now: bool) -> anyhow::Result<()> {
+        let due: Vec<(i32, i64)> = self
+            .markers_due
+            .iter()
+            .filter(|(partition, _)| {
+                now || self
+                    .last_marker
+                    .get(partition)
+                    .is_none_or(|at| at.elapsed() >= MARKER_EVERY)
+            })
+            .map(|(p, o)| (*p, *o))
+            .collect();
+        for (partition, outboxes_done_below) in due {
+            self.markers_due.remove(&partition);
+            // A partition no longer owned gets none: its new owner's markers must stay the newest.
+            let Some(epoch) = self.partitions.get(&partition).map(|s| s.epoch) else {
+                continue;
+            };
+            let marker = Marker {
+                epoch,
+                outboxes_done_below,
+            };
+            let record = self.marker_record(partition, marker, now_millis()).await?;
+            send_unawaited(&self.producer, &record);
+            self.last_marker
+                .insert(partition, std::time::Instant::now());
         }
         Ok(())
     }

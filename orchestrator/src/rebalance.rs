@@ -88,6 +88,9 @@ impl Orchestrator {
                 break;
             }
             changed = true;
+            // The last batch's outputs land before any partition is read back: a restore that read the events
+            // topic while they were in flight would emit them again.
+            self.confirm_outputs().await?;
             for (assigned, partitions) in changes {
                 if assigned {
                     self.restore(consumer, &mut holding, partitions).await?;
@@ -157,6 +160,9 @@ impl Orchestrator {
     }
 
     pub(crate) fn forget(&mut self, partition: i32, why: &str) {
+        // Its offsets are its new owner's to commit, its markers its new owner's to write.
+        self.to_commit.retain(|(_, p), _| *p != partition);
+        self.markers_due.remove(&partition);
         if let Some(state) = self.partitions.remove(&partition) {
             tracing::info!(
                 partition,

@@ -319,10 +319,12 @@ impl Orchestrator {
         self.partitions.insert(partition, state);
         self.produce_outputs(&changed, &[], now).await?;
         self.confirm_outputs().await?;
-        // Every outbox read is produced now; the next restore starts its check after them.
+        // Every outbox read, and every record just written again, is produced now; the next restore starts its
+        // check after them.
+        let rewritten = self.markers_due.remove(&partition).unwrap_or(0);
         let checked = Marker {
             epoch,
-            outboxes_done_below: read_end,
+            outboxes_done_below: read_end.max(rewritten),
         };
         let checked = self.marker_record(partition, checked, now).await?;
         produce_all(&self.producer, &[checked])
