@@ -156,6 +156,8 @@ struct Orchestrator {
     /// When each partition's marker was last written, and the markers confirmed but not written yet.
     last_marker: HashMap<i32, Instant>,
     markers_due: HashMap<i32, i64>,
+    /// Batches rewound because the registry stayed unreachable past `registry_stall_bound`, since start.
+    registry_stalls: u64,
 }
 
 /// How often input offsets are committed.
@@ -210,6 +212,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         last_commit: Instant::now(),
         last_marker: HashMap::new(),
         markers_due: HashMap::new(),
+        registry_stalls: 0,
     };
     tokio::pin!(shutdown);
     let mut last_trim = Instant::now();
@@ -271,8 +274,10 @@ impl Orchestrator {
             match decode::decode(&self.codec, &self.config.topics, msg, give_up_at).await {
                 Ok(decoded) => inputs.push((msg, decoded)),
                 Err(Stalled(e)) => {
+                    self.registry_stalls += 1;
                     tracing::error!(
                         inputs = batch.len(),
+                        registry_stalls = self.registry_stalls,
                         "the schema registry has been unreachable for {:?} ({e}); the batch is rewound and \
                          tried again; nothing was applied",
                         self.config.registry_stall_bound
