@@ -25,18 +25,61 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::load::{quantile, tail};
+
+#[derive(clap::Args, Debug)]
 pub struct Bench {
+    /// In-flight levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     pub levels: Vec<usize>,
+    /// Seconds measured per level, after the warm-up.
+    #[arg(long = "seconds", default_value = "10", value_parser = parse_seconds)]
     pub duration: Duration,
+    /// Seconds of warm-up per level, not measured.
+    #[arg(long, default_value = "2", value_parser = parse_seconds)]
     pub warmup: Duration,
+    /// A deployed workflow whose tasks workers serve.
+    #[arg(long, default_value = "bench")]
     pub workflow: String,
+    /// Steps of that workflow (for steps/s and the per-step figures).
+    #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// Input of every workflow, a JSON document.
+    #[arg(long, default_value = r#"{"order": 1}"#)]
     pub input: String,
+    /// A process to report CPU for, as NAME=PID; repeat it.
+    #[arg(long = "pid", value_parser = parse_pid)]
     pub pids: Vec<(String, u32)>,
+    /// Label of the run, in the JSON and the chart.
+    #[arg(long, default_value = "edow bench")]
     pub label: String,
+    /// Write the figures as JSON here.
+    #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write an SVG chart of latency against throughput here.
+    #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Measure edow only, not the raw relay.
+    #[arg(long)]
     pub skip_raw: bool,
+}
+
+/// Whole seconds.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("'{text}' is not a whole number of seconds"))
+}
+
+/// A `NAME=PID` argument.
+fn parse_pid(text: &str) -> Result<(String, u32), String> {
+    let (name, pid) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not NAME=PID"))?;
+    let pid = pid
+        .parse()
+        .map_err(|_| format!("'{pid}' in '{text}' is not a process id"))?;
+    Ok((name.to_string(), pid))
 }
 
 /// Figures of one closed loop at one level.
@@ -70,6 +113,8 @@ pub async fn run(
     if bench.levels.is_empty() || bench.levels.contains(&0) {
         bail!("--levels must list in-flight counts of at least 1, e.g. 1,16,64,256");
     }
+    serde_json::from_str::<serde_json::Value>(&bench.input)
+        .with_context(|| format!("--input is not a JSON document: {}", bench.input))?;
     let partitions = i32::try_from(kafka.partition_count(&topics.triggers())?).unwrap_or(i32::MAX);
     if partitions <= 0 {
         bail!(
@@ -172,7 +217,7 @@ impl Window {
             })
             .collect();
         self.latencies_us.sort_unstable();
-        let q = |q: f64| quantile_us(&self.latencies_us, q) as f64 / 1000.0;
+        let q = |q: f64| quantile(&self.latencies_us, q) as f64 / 1000.0;
         Level {
             in_flight,
             per_second: self.latencies_us.len() as f64 / measured.as_secs_f64(),
@@ -182,14 +227,6 @@ impl Window {
             cpu_percent,
         }
     }
-}
-
-fn quantile_us(sorted: &[u64], q: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 /// User plus system CPU ticks of each named process, and of this one as `client`.
@@ -208,18 +245,6 @@ fn cpu_ticks(pids: &[(String, u32)]) -> Vec<(String, u64)> {
         ticks.push(("client".into(), own));
     }
     ticks
-}
-
-/// Reads a topic from its current end on every partition, outside any group.
-fn tail(kafka: &Kafka, topic: &str, partitions: i32) -> anyhow::Result<StreamConsumer> {
-    let consumer: StreamConsumer = kafka.group_consumer_config("edow-bench-tail").create()?;
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        assignment.add_partition_offset(topic, p, Offset::Offset(high))?;
-    }
-    consumer.assign(&assignment)?;
-    Ok(consumer)
 }
 
 /// Sends a record without waiting for its acknowledgement; a failed delivery fails the run.
@@ -697,12 +722,5 @@ mod tests {
         let ticks = cpu_ticks(&[("nobody".into(), u32::MAX)]);
         assert_eq!(ticks.len(), 1);
         assert_eq!(ticks[0].0, "client");
-    }
-
-    #[test]
-    fn quantiles_use_the_nearest_rank() {
-        let values: Vec<u64> = (1..=100).collect();
-        assert_eq!(quantile_us(&values, 0.95), 95);
-        assert_eq!(quantile_us(&[], 0.5), 0);
     }
 }

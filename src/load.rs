@@ -24,13 +24,26 @@ pub struct Load {
     pub until_started: bool,
 }
 
-/// The value at quantile `q` of sorted `values`.
-fn quantile(sorted: &[i64], q: f64) -> i64 {
+/// The value at quantile `q` of sorted `values` (nearest rank).
+pub fn quantile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
     if sorted.is_empty() {
-        return 0;
+        return T::default();
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
+}
+
+/// A consumer reading `topic` from its current end on every partition, outside any group: it sees only what is
+/// written from now on.
+pub fn tail(kafka: &Kafka, topic: &str, partitions: i32) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = kafka.group_consumer_config("edow-cli-tail").create()?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        assignment.add_partition_offset(topic, p, Offset::Offset(high))?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
 }
 
 pub async fn run(kafka: &Kafka, codec: &Codec, topics: &Topics, load: Load) -> anyhow::Result<()> {
@@ -41,13 +54,8 @@ pub async fn run(kafka: &Kafka, codec: &Codec, topics: &Topics, load: Load) -> a
         "topic {events_topic} does not exist; start the orchestrator first"
     );
     // Follow from the current end, so that only this run's events are read.
-    let consumer: StreamConsumer = kafka.group_consumer_config("edow-cli-load").create()?;
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions as i32 {
-        let (_, high) = consumer.fetch_watermarks(&events_topic, p, Duration::from_secs(10))?;
-        assignment.add_partition_offset(&events_topic, p, Offset::Offset(high))?;
-    }
-    consumer.assign(&assignment)?;
+    let partitions = i32::try_from(partitions).unwrap_or(i32::MAX);
+    let consumer = tail(kafka, &events_topic, partitions)?;
 
     let ids: Vec<String> = (0..load.count)
         .map(|i| format!("{}-{i}", load.prefix))
@@ -203,7 +211,8 @@ mod tests {
         let values: Vec<i64> = (1..=100).collect();
         assert_eq!(quantile(&values, 0.5), 50);
         assert_eq!(quantile(&values, 0.99), 99);
+        assert_eq!(quantile(&values, 0.95), 95);
         assert_eq!(quantile(&[7], 0.99), 7);
-        assert_eq!(quantile(&[], 0.5), 0);
+        assert_eq!(quantile::<i64>(&[], 0.5), 0);
     }
 }

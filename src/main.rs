@@ -139,41 +139,7 @@ enum Command {
     },
     /// Measure edow against the raw Kafka ceiling on this cluster: closed loops at each in-flight level, with
     /// throughput, client-side latency percentiles and CPU per process (see scripts/bench, which starts a stack).
-    Bench {
-        /// In-flight levels, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
-        levels: Vec<usize>,
-        /// Seconds measured per level, after the warm-up.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Seconds of warm-up per level, not measured.
-        #[arg(long, default_value_t = 2)]
-        warmup: u64,
-        /// A deployed workflow whose tasks workers serve.
-        #[arg(long, default_value = "bench")]
-        workflow: String,
-        /// Steps of that workflow (for steps/s and the per-step figures).
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        /// Input of every workflow, a JSON document.
-        #[arg(long, default_value = r#"{"order": 1}"#)]
-        input: String,
-        /// A process to report CPU for, as NAME=PID; repeat it.
-        #[arg(long = "pid", value_parser = parse_pid)]
-        pids: Vec<(String, u32)>,
-        /// Label of the run, in the JSON and the chart.
-        #[arg(long, default_value = "edow bench")]
-        label: String,
-        /// Write the figures as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Write an SVG chart of latency against throughput here.
-        #[arg(long)]
-        svg: Option<PathBuf>,
-        /// Measure edow only, not the raw relay.
-        #[arg(long)]
-        skip_raw: bool,
-    },
+    Bench(bench::Bench),
     /// Print an instance's lifecycle events as they happen, until it ends.
     Watch {
         id: String,
@@ -255,36 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             load::run(&kafka, &codec, &topics, settings).await
         }
-        Command::Bench {
-            levels,
-            seconds,
-            warmup,
-            workflow,
-            steps,
-            input,
-            pids,
-            label,
-            json,
-            svg,
-            skip_raw,
-        } => {
-            serde_json::from_str::<serde_json::Value>(&input)
-                .with_context(|| format!("--input is not a JSON document: {input}"))?;
-            let settings = bench::Bench {
-                levels,
-                duration: Duration::from_secs(seconds.max(1)),
-                warmup: Duration::from_secs(warmup),
-                workflow,
-                steps,
-                input,
-                pids,
-                label,
-                json,
-                svg,
-                skip_raw,
-            };
-            bench::run(&kafka, &codec, &topics, settings).await
-        }
+        Command::Bench(settings) => bench::run(&kafka, &codec, &topics, settings).await,
         Command::Signal { id, name, payload } => {
             signal(
                 &kafka,
@@ -718,17 +655,6 @@ async fn watch(
             return Ok(());
         }
     }
-}
-
-/// A `NAME=PID` argument.
-fn parse_pid(text: &str) -> Result<(String, u32), String> {
-    let (name, pid) = text
-        .split_once('=')
-        .ok_or_else(|| format!("'{text}' is not NAME=PID"))?;
-    let pid = pid
-        .parse()
-        .map_err(|_| format!("'{pid}' in '{text}' is not a process id"))?;
-    Ok((name.to_string(), pid))
 }
 
 #[cfg(test)]
