@@ -389,7 +389,8 @@ async fn read_record(
         return Ok(());
     }
     read.end = read.end.max(record.offset() + 1);
-    let epoch = epoch_of(&record);
+    let headers = StateHeaders::of(&record);
+    let epoch = headers.epoch();
     let superseded = read.latest.get(&key).is_some_and(|k| epoch < k.epoch);
     if epoch < read.marker.epoch || superseded {
         read.zombies += 1;
@@ -433,8 +434,8 @@ async fn read_record(
             epoch,
             offset,
             overwritten_by_zombie: false,
-            timer: timer_of(&record),
-            outbox: header(&record, OUTBOX_HEADER).map(<[u8]>::to_vec),
+            timer: headers.timer(),
+            outbox: headers.outbox.flatten().map(<[u8]>::to_vec),
             state: KeptState::Raw(payload),
         };
         read.latest.insert(key, kept);
@@ -592,29 +593,58 @@ fn is_ended(status: WorkflowStatus) -> bool {
     )
 }
 
+/// The headers of a changelog record that restore reads, found in one pass (this runs for every record).
+/// Each field: `None` when the record has no such header, `Some(value)` for the first of that name.
+#[derive(Default)]
+struct StateHeaders<'a> {
+    epoch: Option<Option<&'a [u8]>>,
+    timer: Option<Option<&'a [u8]>>,
+    outbox: Option<Option<&'a [u8]>>,
+}
+
+impl<'a> StateHeaders<'a> {
+    fn of(message: &'a OwnedMessage) -> StateHeaders<'a> {
+        let mut found = StateHeaders::default();
+        for h in message.headers().into_iter().flat_map(|h| h.iter()) {
+            let slot = match h.key {
+                EPOCH_HEADER => &mut found.epoch,
+                TIMER_HEADER => &mut found.timer,
+                OUTBOX_HEADER => &mut found.outbox,
+                _ => continue,
+            };
+            // The first of a name counts, as a lookup by name would find it.
+            if slot.is_none() {
+                *slot = Some(h.value);
+            }
+        }
+        found
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
+            .flatten()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The next timer the [`TIMER_HEADER`] names: `None` without the header, `Some(None)` for no timer. A value
+    /// that is not a number counts as no header, so the state is parsed for its timer instead.
+    fn timer(&self) -> Option<Option<Millis>> {
+        let value = self.timer.flatten()?;
+        if value.is_empty() {
+            return Some(None);
+        }
+        std::str::from_utf8(value).ok()?.parse().ok().map(Some)
+    }
+}
+
 fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
     message
         .headers()?
         .iter()
         .find(|h| h.key == name)
         .and_then(|h| h.value)
-}
-
-fn epoch_of(message: &OwnedMessage) -> u64 {
-    header(message, EPOCH_HEADER)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The next timer a record's [`TIMER_HEADER`] names: `None` without the header, `Some(None)` for no timer. A
-/// value that is not a number counts as no header, so the state is parsed for its timer instead.
-fn timer_of(message: &OwnedMessage) -> Option<Option<Millis>> {
-    let value = header(message, TIMER_HEADER)?;
-    if value.is_empty() {
-        return Some(None);
-    }
-    std::str::from_utf8(value).ok()?.parse().ok().map(Some)
 }
 
 fn event_id_of(message: &OwnedMessage) -> Option<String> {
