@@ -14,7 +14,7 @@ use edow_schemas::contracts::{
     WorkflowTrigger,
 };
 use edow_schemas::Topics;
-use rdkafka::{Message, Offset};
+use rdkafka::Message;
 
 const GOOD: usize = 100;
 
@@ -67,19 +67,12 @@ async fn dead_letters(
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut letters = HashMap::new();
-        for p in 0..common::PARTITIONS {
-            let (kafka, dlq) = (cluster.kafka.clone(), dlq.clone());
-            let records =
-                tokio::task::spawn_blocking(move || kafka.read_to_end(&dlq, p, Offset::Beginning))
-                    .await
-                    .unwrap()
-                    .unwrap_or_default();
-            for r in records {
-                let letter: DeadLetter = cluster.codec.decode(r.payload()).await.unwrap();
-                let key =
-                    String::from_utf8_lossy(letter.key.as_deref().unwrap_or_default()).into_owned();
-                letters.insert(key, letter);
-            }
+        // The dead-letter topic may not exist yet.
+        for r in common::read_topic(cluster, &dlq).await.unwrap_or_default() {
+            let letter: DeadLetter = cluster.codec.decode(r.payload()).await.unwrap();
+            let key =
+                String::from_utf8_lossy(letter.key.as_deref().unwrap_or_default()).into_owned();
+            letters.insert(key, letter);
         }
         if keys.iter().all(|k| letters.contains_key(*k)) {
             return letters;
@@ -98,20 +91,15 @@ async fn wait_for_changelog_keys(cluster: &Cluster, keys: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut found = Vec::new();
-        for p in 0..common::PARTITIONS {
-            let (kafka, topic) = (cluster.kafka.clone(), cluster.topics.state());
-            let records = tokio::task::spawn_blocking(move || {
-                kafka.read_to_end(&topic, p, Offset::Beginning)
-            })
+        let state = cluster.topics.state();
+        for r in common::read_topic(cluster, &state)
             .await
-            .unwrap()
-            .unwrap_or_default();
-            for r in records {
-                let key = String::from_utf8_lossy(r.key().unwrap_or_default()).into_owned();
-                if keys.contains(&key.as_str()) && r.payload().is_some() {
-                    let _: WorkflowState = cluster.codec.decode(r.payload()).await.unwrap();
-                    found.push(key);
-                }
+            .unwrap_or_default()
+        {
+            let key = String::from_utf8_lossy(r.key().unwrap_or_default()).into_owned();
+            if keys.contains(&key.as_str()) && r.payload().is_some() {
+                let _: WorkflowState = cluster.codec.decode(r.payload()).await.unwrap();
+                found.push(key);
             }
         }
         if keys.iter().all(|k| found.iter().any(|f| f == k)) {

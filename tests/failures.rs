@@ -10,7 +10,7 @@ use edow_kafka::{produce_all, Outgoing};
 use edow_schemas::contracts::{DeadLetter, LifecycleKind, WorkflowTrigger};
 use edow_schemas::Topics;
 use rdkafka::message::Headers;
-use rdkafka::{Message, Offset};
+use rdkafka::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_back_off_then_succeed_and_exhausted_attempts_fail_the_workflow() {
@@ -68,17 +68,8 @@ async fn retries_back_off_then_succeed_and_exhausted_attempts_fail_the_workflow(
 
     // Retries went to the retry topic.
     let retry_topic = cluster.topics.task_retries("flaky.op");
-    let mut on_retry_topic = 0;
-    for p in 0..common::PARTITIONS {
-        let (kafka, topic) = (cluster.kafka.clone(), retry_topic.clone());
-        on_retry_topic +=
-            tokio::task::spawn_blocking(move || kafka.read_to_end(&topic, p, Offset::Beginning))
-                .await
-                .unwrap()
-                .unwrap()
-                .len();
-    }
-    assert_eq!(on_retry_topic, 2);
+    let on_retry_topic = common::read_topic(&cluster, &retry_topic).await.unwrap();
+    assert_eq!(on_retry_topic.len(), 2);
 
     assert!(events
         .seen
@@ -166,29 +157,19 @@ async fn bad_inputs_are_dead_lettered_with_their_reason_and_good_ones_keep_flowi
             letters.len()
         );
         letters.clear();
-        for p in 0..common::PARTITIONS {
-            let (kafka, dlq) = (cluster.kafka.clone(), dlq.clone());
-            let records =
-                tokio::task::spawn_blocking(move || kafka.read_to_end(&dlq, p, Offset::Beginning))
-                    .await
-                    .unwrap()
-                    .unwrap();
-            for r in records {
-                let header = |name: &str| {
-                    r.headers()
-                        .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value))
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                };
-                assert_eq!(
-                    header("edow.dlq.origin-topic").as_deref(),
-                    Some(topic.as_str())
-                );
-                assert!(
-                    header("edow.dlq.error").is_some() && header("edow.dlq.failed-at").is_some()
-                );
-                let letter: DeadLetter = cluster.codec.decode(r.payload()).await.unwrap();
-                letters.push(letter);
-            }
+        for r in common::read_topic(&cluster, &dlq).await.unwrap() {
+            let header = |name: &str| {
+                r.headers()
+                    .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            assert_eq!(
+                header("edow.dlq.origin-topic").as_deref(),
+                Some(topic.as_str())
+            );
+            assert!(header("edow.dlq.error").is_some() && header("edow.dlq.failed-at").is_some());
+            let letter: DeadLetter = cluster.codec.decode(r.payload()).await.unwrap();
+            letters.push(letter);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{ended, Cluster};
 use edow_schemas::contracts::LifecycleKind;
+use edow_testkit::Binary;
 use serde_json::json;
 
 const SLOW: &str = r#"
@@ -51,19 +52,33 @@ fn assert_each_completed_once(events: &common::Events<'_>, expected: usize) {
         .is_empty());
 }
 
+/// Starts an orchestrator and two workers of `concurrency` serving `slow`, then `count` slow workflows named
+/// `PREFIX-i`. Returns the orchestrator and the workers (which stop when dropped).
+async fn slow_run(
+    cluster: &Cluster,
+    concurrency: usize,
+    prefix: &str,
+    count: usize,
+) -> (Binary, [Binary; 2]) {
+    let orchestrator = cluster.orchestrator();
+    cluster.wait_for_topics();
+    let workers = [
+        cluster.worker("w1", &SLOW_TASKS, concurrency),
+        cluster.worker("w2", &SLOW_TASKS, concurrency),
+    ];
+    cluster.deploy(SLOW);
+    let workflows: Vec<(String, String)> = (0..count)
+        .map(|i| (format!("{prefix}-{i}"), json!({"i": i}).to_string()))
+        .collect();
+    cluster.start_many("slow", &workflows).await;
+    (orchestrator, workers)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orchestrator_killed_mid_run_restores_from_the_changelog_and_completes_each_workflow_once()
 {
     let cluster = Cluster::start();
-    let mut orchestrator = cluster.orchestrator();
-    cluster.wait_for_topics();
-    let _w1 = cluster.worker("w1", &SLOW_TASKS, 16);
-    let _w2 = cluster.worker("w2", &SLOW_TASKS, 16);
-    cluster.deploy(SLOW);
-    let workflows: Vec<(String, String)> = (0..500)
-        .map(|i| (format!("slow-{i}"), json!({"i": i}).to_string()))
-        .collect();
-    cluster.start_many("slow", &workflows).await;
+    let (mut orchestrator, _workers) = slow_run(&cluster, 16, "slow", 500).await;
 
     let mut events = cluster.events();
     events
@@ -200,15 +215,7 @@ async fn a_task_of_a_killed_worker_is_redelivered_to_the_other_and_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orchestrators_joining_and_leaving_under_load_complete_each_workflow_once() {
     let cluster = Cluster::start();
-    let mut first = cluster.orchestrator();
-    cluster.wait_for_topics();
-    let _w1 = cluster.worker("w1", &SLOW_TASKS, 32);
-    let _w2 = cluster.worker("w2", &SLOW_TASKS, 32);
-    cluster.deploy(SLOW);
-    let workflows: Vec<(String, String)> = (0..400)
-        .map(|i| (format!("moving-{i}"), json!({"i": i}).to_string()))
-        .collect();
-    cluster.start_many("slow", &workflows).await;
+    let (mut first, _workers) = slow_run(&cluster, 32, "moving", 400).await;
     let mut events = cluster.events();
     events
         .until(Duration::from_secs(60), |seen| ended(seen) >= 20)

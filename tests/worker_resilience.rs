@@ -75,20 +75,6 @@ async fn wait_for_count(process: &Binary, text: &str, n: usize, timeout: Duratio
     }
 }
 
-async fn read_all(cluster: &Cluster, topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
-    let mut records = Vec::new();
-    for p in 0..PARTITIONS {
-        let (kafka, topic) = (cluster.kafka.clone(), topic.to_string());
-        records.extend(
-            tokio::task::spawn_blocking(move || kafka.read_to_end(&topic, p, Offset::Beginning))
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
-    records
-}
-
 fn assert_each_completed_once(events: &common::Events<'_>, expected: usize) {
     let completed = events.per_workflow(LifecycleKind::WorkflowCompleted);
     assert_eq!(completed.len(), expected, "{:?}", events.count_by_kind());
@@ -417,7 +403,10 @@ async fn garbage_unknown_non_json_and_overflowing_task_records_never_stall_the_w
     assert_eq!(results["fine"].output.as_deref(), Some(r#"{"ok":1}"#));
 
     let mut kinds: HashMap<String, String> = HashMap::new();
-    for letter in read_all(&cluster, &Topics::dead_letters(&topic)).await {
+    for letter in common::read_topic(&cluster, &Topics::dead_letters(&topic))
+        .await
+        .unwrap()
+    {
         let letter: DeadLetter = cluster.codec.decode(letter.payload()).await.unwrap();
         let key = String::from_utf8(letter.key.clone().unwrap()).unwrap();
         kinds.insert(key, letter.error_kind.clone());

@@ -243,19 +243,31 @@ pub async fn wait_for_log(process: &Binary, text: &str, timeout: Duration) {
     }
 }
 
+/// Every record of every partition of `topic`, from the beginning; an error when it cannot be read (it may not
+/// exist yet).
+pub async fn read_topic(
+    cluster: &Cluster,
+    topic: &str,
+) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+    let mut records = Vec::new();
+    for p in 0..PARTITIONS {
+        let (kafka, topic) = (cluster.kafka.clone(), topic.to_string());
+        records.extend(
+            tokio::task::spawn_blocking(move || kafka.read_to_end(&topic, p, Offset::Beginning))
+                .await??,
+        );
+    }
+    Ok(records)
+}
+
 /// Every task result published so far.
 pub async fn results(cluster: &Cluster) -> Vec<edow_schemas::contracts::TaskResult> {
     let mut results = Vec::new();
-    for p in 0..PARTITIONS {
-        let (kafka, topic) = (cluster.kafka.clone(), cluster.topics.results());
-        let records =
-            tokio::task::spawn_blocking(move || kafka.read_to_end(&topic, p, Offset::Beginning))
-                .await
-                .unwrap()
-                .unwrap();
-        for record in records {
-            results.push(cluster.codec.decode(record.payload()).await.unwrap());
-        }
+    for record in read_topic(cluster, &cluster.topics.results())
+        .await
+        .unwrap()
+    {
+        results.push(cluster.codec.decode(record.payload()).await.unwrap());
     }
     results
 }
