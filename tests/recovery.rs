@@ -41,6 +41,13 @@ fn restored_figures(log: &str) -> (usize, usize) {
         })
 }
 
+/// How many partitions an orchestrator's log says it restored.
+fn restores(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("restored partition from the changelog"))
+        .count()
+}
+
 fn assert_each_completed_once(events: &common::Events<'_>, expected: usize) {
     let completed = events.per_workflow(LifecycleKind::WorkflowCompleted);
     assert_eq!(completed.len(), expected, "{:?}", events.count_by_kind());
@@ -150,11 +157,7 @@ async fn a_second_orchestrator_takes_over_the_partitions_of_a_dead_one() {
         .await;
     events.drain(Duration::from_secs(3)).await;
     assert_each_completed_once(&events, 100);
-    let takeovers = second
-        .log()
-        .lines()
-        .filter(|l| l.contains("restored partition from the changelog"))
-        .count();
+    let takeovers = restores(&second.log());
     assert!(
         takeovers > common::PARTITIONS as usize / 2,
         "the survivor restored the dead instance's partitions too"
@@ -240,11 +243,7 @@ async fn orchestrators_joining_and_leaving_under_load_complete_each_workflow_onc
         .await;
     events.drain(Duration::from_secs(3)).await;
     assert_each_completed_once(&events, 400);
-    let takeovers = second
-        .log()
-        .lines()
-        .filter(|l| l.contains("restored partition from the changelog"))
-        .count();
+    let takeovers = restores(&second.log());
     assert!(
         takeovers >= common::PARTITIONS as usize,
         "the second instance restored every partition in the end:\n{}",
