@@ -33,10 +33,10 @@ pub struct Bench {
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     pub levels: Vec<usize>,
     /// Seconds measured per level, after the warm-up.
-    #[arg(long = "seconds", default_value = "10", value_parser = parse_seconds)]
+    #[arg(long = "seconds", value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
     pub duration: Duration,
     /// Seconds of warm-up per level, not measured.
-    #[arg(long, default_value = "2", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
     pub warmup: Duration,
     /// A deployed workflow whose tasks workers serve.
     #[arg(long, default_value = "bench")]
@@ -108,13 +108,15 @@ pub async fn run(
     kafka: &Kafka,
     codec: &Codec,
     topics: &Topics,
-    bench: Bench,
+    mut bench: Bench,
 ) -> anyhow::Result<()> {
+    serde_json::from_str::<serde_json::Value>(&bench.input)
+        .with_context(|| format!("--input is not a JSON document: {}", bench.input))?;
+    // At least a second is measured: per-second figures divide by it.
+    bench.duration = bench.duration.max(Duration::from_secs(1));
     if bench.levels.is_empty() || bench.levels.contains(&0) {
         bail!("--levels must list in-flight counts of at least 1, e.g. 1,16,64,256");
     }
-    serde_json::from_str::<serde_json::Value>(&bench.input)
-        .with_context(|| format!("--input is not a JSON document: {}", bench.input))?;
     let partitions = i32::try_from(kafka.partition_count(&topics.triggers())?).unwrap_or(i32::MAX);
     if partitions <= 0 {
         bail!(
