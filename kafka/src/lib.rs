@@ -60,12 +60,24 @@ impl Kafka {
     /// An idempotent producer that partitions keys with murmur2, as Java clients do, so that records keyed by
     /// workflow id land in the same partition whoever writes them.
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+        self.producer_lingering(2)
+    }
+
+    /// A [`Kafka::producer`] that sends at once (`linger.ms=0`), for a caller that gathers its own batches and
+    /// waits for them: the orchestrator produces a whole batch's records in one go, so lingering only delays
+    /// them (measured at one workflow in flight: 70 ms end to end with 2 ms, 57 ms with 0, throughput unchanged
+    /// under load, since records queued while a request is in flight still travel together).
+    pub fn producer_for_batches(&self) -> anyhow::Result<FutureProducer> {
+        self.producer_lingering(0)
+    }
+
+    fn producer_lingering(&self, linger_ms: u32) -> anyhow::Result<FutureProducer> {
         let mut config = self.base();
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
-            .set("linger.ms", "2")
+            .set("linger.ms", linger_ms.to_string())
             .set("message.timeout.ms", "30000");
         self.finish(config)
             .create()

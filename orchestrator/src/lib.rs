@@ -188,7 +188,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config.limits.clone(),
     )
     .await?;
-    let producer = config.kafka.producer()?;
+    let producer = config.kafka.producer_for_batches()?;
     let consumer: InputConsumer = config
         .kafka
         .group_consumer_config(&config.group)

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,9 @@ pub trait Contract: Serialize + DeserializeOwned + Send + Sync {
     const SCHEMA_TEXT: &'static str;
     /// The parsed schema, parsed once.
     fn schema() -> &'static Schema;
+    /// A writer of the schema's binary datums straight from the Rust type (no intermediate Avro value), built
+    /// once.
+    fn writer() -> &'static GenericDatumWriter<'static>;
 }
 
 macro_rules! contract {
@@ -31,6 +35,16 @@ macro_rules! contract {
                 SCHEMA.get_or_init(|| {
                     Schema::parse_str(Self::SCHEMA_TEXT)
                         .unwrap_or_else(|e| panic!("schemas/avro/{} is not valid Avro: {e}", $file))
+                })
+            }
+            fn writer() -> &'static GenericDatumWriter<'static> {
+                static WRITER: OnceLock<GenericDatumWriter<'static>> = OnceLock::new();
+                WRITER.get_or_init(|| {
+                    GenericDatumWriter::builder(Self::schema())
+                        .build()
+                        .unwrap_or_else(|e| {
+                            panic!("schemas/avro/{} has unresolved names: {e}", $file)
+                        })
                 })
             }
         }

@@ -4,6 +4,7 @@
 
 use std::sync::OnceLock;
 
+use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use edow_schemas::{Codec, CodecError, Contract};
 use edow_testkit::{Broker, Registry};
@@ -19,6 +20,10 @@ macro_rules! test_contract {
             fn schema() -> &'static Schema {
                 static SCHEMA: OnceLock<Schema> = OnceLock::new();
                 SCHEMA.get_or_init(|| Schema::parse_str(Self::SCHEMA_TEXT).unwrap())
+            }
+            fn writer() -> &'static GenericDatumWriter<'static> {
+                static WRITER: OnceLock<GenericDatumWriter<'static>> = OnceLock::new();
+                WRITER.get_or_init(|| GenericDatumWriter::builder(Self::schema()).build().unwrap())
             }
         }
     };
