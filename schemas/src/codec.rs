@@ -4,6 +4,7 @@
 //! into the reader's contract, so a consumer built against version N reads records written with N-1 or N+1
 //! wherever the registry accepted the change.
 
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::Duration;
@@ -105,11 +106,11 @@ pub struct Codec {
     settings: SrSettings,
     encoder: AvroEncoder,
     decoder: AvroDecoder,
-    /// Schema id of each contract per topic, once the registry has given it: later records are framed with it
+    /// Schema id of each contract type (by type: two types may share a record name) per topic, once the registry has given it: later records are framed with it
     /// and written straight from the Rust type. The converter would build an intermediate Avro value, copy the
     /// schema text into its cache key and re-validate the value for every record (about half of the
     /// orchestrator's time to build a batch's records, measured under load).
-    ids: RwLock<HashMap<&'static str, HashMap<String, u32>>>,
+    ids: RwLock<HashMap<TypeId, HashMap<String, u32>>>,
 }
 
 impl Codec {
@@ -170,7 +171,7 @@ impl Codec {
             .ids
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(T::NAME)
+            .get(&TypeId::of::<T>())
             .and_then(|topics| topics.get(topic).copied());
         if let Some(id) = known {
             return encode_framed(id, item).map_err(|e| CodecError::Encode {
@@ -198,7 +199,7 @@ impl Codec {
             self.ids
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .entry(T::NAME)
+                .entry(TypeId::of::<T>())
                 .or_default()
                 .insert(topic.to_string(), id);
         }

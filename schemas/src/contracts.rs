@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// A type with an Avro schema registered in the schema registry.
-pub trait Contract: Serialize + DeserializeOwned + Send + Sync {
+pub trait Contract: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Full name of the Avro record, e.g. `io.edow.events.WorkflowTrigger`.
     const NAME: &'static str;
     /// The `.avsc` text.
