@@ -106,10 +106,11 @@ pub struct Codec {
     settings: SrSettings,
     encoder: AvroEncoder,
     decoder: AvroDecoder,
-    /// Schema id of each contract type (by type: two types may share a record name) per topic, once the registry has given it: later records are framed with it
-    /// and written straight from the Rust type. The converter would build an intermediate Avro value, copy the
-    /// schema text into its cache key and re-validate the value for every record (about half of the
-    /// orchestrator's time to build a batch's records, measured under load).
+    /// Schema id of each contract type (by type: two types may share a record name) per topic, once the
+    /// registry has given it: later records are framed with it and written straight from the Rust type. The
+    /// converter would build an intermediate Avro value, copy the schema text into its cache key and
+    /// re-validate the value for every record (about half of the orchestrator's time to build a batch's
+    /// records, measured under load).
     ids: RwLock<HashMap<TypeId, HashMap<String, u32>>>,
 }
 
