@@ -128,6 +128,10 @@ pub async fn publish(
         .await
         .map_err(|(e, _)| e)
         .with_context(|| format!("publishing a dead letter to {topic}"))?;
+    crate::count_produced_one(&topic);
+    edow_telemetry::metrics::DEAD_LETTERS
+        .with_label_values(&[&letter.origin_topic, &letter.error_kind])
+        .inc();
     tracing::warn!(
         origin = %letter.origin_topic,
         partition = letter.origin_partition,

@@ -87,6 +87,22 @@ impl Kafka {
 
     /// Settings of a consumer in `group` (classic protocol) that commits only what the caller commits.
     pub fn group_consumer_config(&self, group: &str) -> ClientConfig {
+        self.finish(self.group_settings(group))
+    }
+
+    /// A [`Kafka::group_consumer_config`] that has librdkafka report statistics every
+    /// [`edow_telemetry::lag::STATISTICS_INTERVAL_MS`], for a consumer whose context exports its lag (see
+    /// [`edow_telemetry::lag::LagReporter`]; any other context would log them).
+    pub fn group_consumer_config_reporting_lag(&self, group: &str) -> ClientConfig {
+        let mut config = self.group_settings(group);
+        config.set(
+            "statistics.interval.ms",
+            edow_telemetry::lag::STATISTICS_INTERVAL_MS,
+        );
+        self.finish(config)
+    }
+
+    fn group_settings(&self, group: &str) -> ClientConfig {
         let mut config = self.base();
         config
             .set("group.id", group)
@@ -100,7 +116,7 @@ impl Kafka {
             )
             .set("heartbeat.interval.ms", "500")
             .set("fetch.wait.max.ms", "20");
-        self.finish(config)
+        config
     }
 
     /// A consumer that reads assigned partitions only (no group membership, no commits).
@@ -431,7 +447,12 @@ pub async fn send_all(
 /// the first record not acknowledged (librdkafka gave up after `message.timeout.ms`).
 pub async fn acknowledged(pending: Vec<Sent>) -> anyhow::Result<Vec<(i32, i64)>> {
     let mut positions = Vec::with_capacity(pending.len());
+    let mut pending_topics: Vec<(String, u64)> = Vec::new();
     for sent in pending {
+        match pending_topics.last_mut() {
+            Some((topic, n)) if *topic == sent.topic => *n += 1,
+            _ => pending_topics.push((sent.topic.clone(), 1)),
+        }
         let delivered = sent
             .delivery
             .await
@@ -440,5 +461,22 @@ pub async fn acknowledged(pending: Vec<Sent>) -> anyhow::Result<Vec<(i32, i64)>>
             .with_context(|| format!("producing to {}", sent.topic))?;
         positions.push((delivered.partition, delivered.offset));
     }
+    count_produced(pending_topics);
     Ok(positions)
+}
+
+/// Adds acknowledged records to `edow_records_produced_total`, a run of records to one topic at a time.
+fn count_produced(runs: Vec<(String, u64)>) {
+    for (topic, n) in runs {
+        edow_telemetry::metrics::RECORDS_PRODUCED
+            .with_label_values(&[&topic])
+            .inc_by(n);
+    }
+}
+
+/// Adds one acknowledged record to `edow_records_produced_total`.
+pub fn count_produced_one(topic: &str) {
+    edow_telemetry::metrics::RECORDS_PRODUCED
+        .with_label_values(&[topic])
+        .inc();
 }

@@ -6,29 +6,34 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use edow_telemetry::lag::LagReporter;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message, TopicPartitionList};
 
 /// Partition changes seen by the consumer, handled between batches. Before partitions are given up, every
 /// output produced so far is flushed: their next owner reads the events topic to find what is missing, and an
-/// event still in flight would be emitted twice.
+/// event still in flight would be emitted twice. Also exports the member's consumer lag from librdkafka's
+/// statistics.
 pub struct RebalanceTracker {
     changes: Mutex<Vec<(bool, BTreeSet<i32>)>>,
     producer: FutureProducer,
     flush_failed: Mutex<Option<String>>,
+    lag: LagReporter,
 }
 
 /// How long a revocation waits for the outputs in flight.
 const FLUSH_ON_REVOKE: Duration = Duration::from_secs(30);
 
 impl RebalanceTracker {
-    pub fn new(producer: FutureProducer) -> RebalanceTracker {
+    pub fn new(producer: FutureProducer, group: &str) -> RebalanceTracker {
         RebalanceTracker {
             changes: Mutex::default(),
             producer,
             flush_failed: Mutex::default(),
+            lag: LagReporter::new(group),
         }
     }
 
@@ -55,7 +60,11 @@ impl RebalanceTracker {
     }
 }
 
-impl ClientContext for RebalanceTracker {}
+impl ClientContext for RebalanceTracker {
+    fn stats(&self, statistics: Statistics) {
+        self.lag.report(&statistics);
+    }
+}
 
 impl ConsumerContext for RebalanceTracker {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -19,6 +19,8 @@ mod apply;
 mod consume;
 mod decode;
 pub mod definitions;
+pub mod http;
+mod observe;
 pub mod partition;
 mod produce;
 mod rebalance;
@@ -34,6 +36,7 @@ use edow_engine::Limits;
 use edow_kafka::dead_letters::{self, Reason};
 use edow_kafka::{now_millis, Kafka, TopicSpec};
 use edow_schemas::{Codec, Topics};
+use edow_telemetry::metrics;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
@@ -99,6 +102,8 @@ pub struct Config {
     pub early_signal_ttl: Duration,
     /// Most workflows per partition with signals waiting for their trigger.
     pub max_early_per_partition: usize,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`; nothing is served without it.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -121,6 +126,7 @@ impl Config {
             registry_stall_bound: Duration::from_secs(20),
             early_signal_ttl: Duration::from_secs(3600),
             max_early_per_partition: 10_000,
+            http_addr: None,
         }
     }
 }
@@ -160,6 +166,19 @@ struct Orchestrator {
     registry_stalls: u64,
 }
 
+/// Adds a batch to `edow_records_consumed_total`, per topic.
+fn count_consumed(batch: &[OwnedMessage]) {
+    let mut per_topic: HashMap<&str, u64> = HashMap::new();
+    for message in batch {
+        *per_topic.entry(message.topic()).or_default() += 1;
+    }
+    for (topic, n) in per_topic {
+        metrics::RECORDS_CONSUMED
+            .with_label_values(&[topic])
+            .inc_by(n);
+    }
+}
+
 /// How often input offsets are committed.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 
@@ -179,6 +198,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         specs.push(TopicSpec::new(Topics::dead_letters(&input), n, rf));
     }
     config.kafka.ensure_topics(&specs).await?;
+    edow_telemetry::metrics::init_orchestrator();
+    let readiness = http::Readiness::default();
+    // Dropped when `run` returns, which stops the listener.
+    let (_listener_stop, stop_listener) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = config.http_addr {
+        edow_telemetry::http::serve(addr, http::router(readiness.clone()), "http", async {
+            let _ = stop_listener.await;
+        })
+        .await?;
+    }
 
     let codec = Arc::new(Codec::new(&config.registry_url)?);
     let definitions = Definitions::open(
@@ -191,11 +220,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let producer = config.kafka.producer_for_batches()?;
     let consumer: InputConsumer = config
         .kafka
-        .group_consumer_config(&config.group)
+        .group_consumer_config_reporting_lag(&config.group)
         .set("partition.assignment.strategy", "range")
         // Every batch, restore and registry wait is bounded well below this (see `registry_stall_bound`).
         .set("max.poll.interval.ms", "300000")
-        .create_with_context(consume::RebalanceTracker::new(producer.clone()))
+        .create_with_context(consume::RebalanceTracker::new(
+            producer.clone(),
+            &config.group,
+        ))
         .context("creating the orchestrator's consumer")?;
     consumer.subscribe(&[&topics.triggers(), &topics.signals(), &topics.results()])?;
     tracing::info!(group = %config.group, partitions = n, "orchestrator started");
@@ -222,11 +254,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             _ = &mut shutdown => break,
             batch = consume::collect_batch(&consumer, tick, max_batch) => batch,
         };
-        if orchestrator
+        let rebalanced = orchestrator
             .handle_rebalances(&consumer, &mut batch)
-            .await?
-            || last_trim.elapsed() > TRIM_EVERY
-        {
+            .await?;
+        if rebalanced && !readiness.is_ready() {
+            readiness.set_ready();
+            tracing::info!(
+                partitions = orchestrator.partitions.len(),
+                "ready: the first assignment is restored"
+            );
+        }
+        if rebalanced || last_trim.elapsed() > TRIM_EVERY {
             trim_memory();
             last_trim = Instant::now();
         }
@@ -261,6 +299,7 @@ impl Orchestrator {
     ) -> anyhow::Result<()> {
         let now = now_millis();
         let began = Instant::now();
+        count_consumed(&batch);
         // A partition revoked while the batch was collected belongs to another instance now.
         let batch: Vec<OwnedMessage> = batch
             .into_iter()
@@ -275,6 +314,7 @@ impl Orchestrator {
                 Ok(decoded) => inputs.push((msg, decoded)),
                 Err(Stalled(e)) => {
                     self.registry_stalls += 1;
+                    metrics::REGISTRY_STALLS.inc();
                     tracing::error!(
                         inputs = batch.len(),
                         registry_stalls = self.registry_stalls,
@@ -319,6 +359,8 @@ impl Orchestrator {
             && out.dead_letters.is_empty()
             && offsets.is_empty()
         {
+            // The offsets of the last inputs are committed even when no more come.
+            self.commit(consumer, false)?;
             return Ok(());
         }
         // Expired early signals are dead-lettered before their tombstone is written: a crash between the two
@@ -328,7 +370,8 @@ impl Orchestrator {
             dead_letters::publish(&self.producer, &self.codec, &letter).await?;
         }
         let applied = began.elapsed();
-        self.produce_outputs(&out.changed, &out.purged, now).await?;
+        self.produce_outputs(&out.changed, &out.purged, now, true)
+            .await?;
         let produced = began.elapsed();
         self.produce_early(&out.early, now).await?;
         self.report_refused_children(&out.refused_children).await?;
@@ -336,7 +379,20 @@ impl Orchestrator {
             dead_letters::publish(&self.producer, &self.codec, letter).await?;
         }
         self.to_commit.extend(offsets.drain());
+        let committing = began.elapsed();
         self.commit(consumer, false)?;
+        self.report_in_flight();
+        metrics::BATCH_INPUTS.observe(batch.len() as f64);
+        for (stage, took) in [
+            ("decode", decoded),
+            ("apply", applied - decoded),
+            ("produce", produced - applied),
+            ("commit", began.elapsed() - committing),
+        ] {
+            metrics::BATCH_STAGE
+                .with_label_values(&[stage])
+                .observe(took.as_secs_f64());
+        }
         tracing::debug!(
             inputs = batch.len(),
             changed = out.changed.len(),
@@ -347,6 +403,15 @@ impl Orchestrator {
             "batch"
         );
         Ok(())
+    }
+
+    /// Sets `edow_workflows_in_flight` of every owned partition.
+    fn report_in_flight(&self) {
+        for (partition, state) in &self.partitions {
+            metrics::WORKFLOWS_IN_FLIGHT
+                .with_label_values(&[&partition.to_string()])
+                .set(state.held() as i64);
+        }
     }
 
     /// Commits the offsets of the inputs applied so far, at most every [`COMMIT_EVERY`] unless `now`.

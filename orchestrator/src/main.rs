@@ -39,6 +39,9 @@ struct Args {
     /// Largest record produced, in bytes; keep it below the broker's message.max.bytes.
     #[arg(long, env = "EDOW_MAX_RECORD_BYTES", default_value_t = 900 * 1024)]
     max_record_bytes: usize,
+    /// Where to serve /metrics, /healthz and /readyz (e.g. 0.0.0.0:8080); nothing is served without it.
+    #[arg(long, env = "EDOW_HTTP_ADDR")]
+    http_addr: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -64,5 +67,6 @@ async fn main() -> anyhow::Result<()> {
     config.ended_retention = args.ended_retention;
     config.max_ended_per_partition = args.max_ended_per_partition;
     config.max_record_bytes = args.max_record_bytes;
+    config.http_addr = args.http_addr;
     edow_orchestrator::run(config, edow_kafka::process::shutdown_signal()).await
 }

@@ -23,6 +23,7 @@ use edow_schemas::contracts::{
 use edow_schemas::{Codec, Topics};
 use serde_json::Value;
 
+use crate::observe::Observation;
 use crate::partition::{
     EarlySignal, Marker, Packed, EPOCH_HEADER, MARKER_KEY, OUTBOX_HEADER, TIMER_HEADER,
 };
@@ -46,6 +47,8 @@ struct WorkflowRecords {
     packed: Option<Packed>,
     tasks: Vec<Outgoing>,
     events: Vec<Outgoing>,
+    /// What metrics count of its events once the changelog record is acknowledged.
+    observation: Option<Observation>,
 }
 
 impl WorkflowRecords {
@@ -68,12 +71,15 @@ impl WorkflowRecords {
 
 impl Orchestrator {
     /// Writes the changelog records of `changed` and the tombstones of `purged`, then sends the outboxes' tasks
-    /// and events without waiting for them (see [`Orchestrator::confirm_outputs`]).
+    /// and events without waiting for them (see [`Orchestrator::confirm_outputs`]). With `observe`, their
+    /// lifecycle events are counted in the metrics once the changelog is written (not for outboxes a restore
+    /// produces again: those were counted when they were made).
     pub(crate) async fn produce_outputs(
         &mut self,
         changed: &BTreeSet<(i32, String)>,
         purged: &[(i32, String)],
         now: i64,
+        observe: bool,
     ) -> anyhow::Result<()> {
         if changed.is_empty() && purged.is_empty() {
             return Ok(());
@@ -84,6 +90,7 @@ impl Orchestrator {
         let mut tasks = Vec::new();
         let mut events = Vec::new();
         let mut settled = Vec::with_capacity(changed.len());
+        let mut observations = Vec::new();
         for (partition, id) in changed {
             let Some(mut records) = self.workflow_records(*partition, id).await? else {
                 continue;
@@ -125,6 +132,7 @@ impl Orchestrator {
                 }
             }
             changelog.push(records.changelog);
+            observations.extend(records.observation);
             tasks.extend(records.tasks);
             events.extend(records.events);
             settled.push((*partition, id, records.packed));
@@ -146,6 +154,9 @@ impl Orchestrator {
         let written = produce_all(&self.producer, &changelog)
             .await
             .context("writing the changelog")?;
+        if observe {
+            observations.iter().for_each(Observation::record);
+        }
         tracing::debug!(
             build_us = built.as_micros() as u64,
             confirm_wait_us = (confirmed - built).as_micros() as u64,
@@ -455,6 +466,7 @@ impl Orchestrator {
             packed,
             tasks: Vec::new(),
             events: Vec::new(),
+            observation: Observation::of(&persisted.instance, &persisted.outbox.commands),
         };
         for command in &persisted.outbox.commands {
             match command {

@@ -163,6 +163,8 @@ impl Orchestrator {
         // Its offsets are its new owner's to commit, its markers its new owner's to write.
         self.to_commit.retain(|(_, p), _| *p != partition);
         self.markers_due.remove(&partition);
+        let _ = edow_telemetry::metrics::WORKFLOWS_IN_FLIGHT
+            .remove_label_values(&[&partition.to_string()]);
         if let Some(state) = self.partitions.remove(&partition) {
             tracing::info!(
                 partition,

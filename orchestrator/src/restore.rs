@@ -317,7 +317,7 @@ impl Orchestrator {
         let now = now_millis();
         let epoch = state.epoch;
         self.partitions.insert(partition, state);
-        self.produce_outputs(&changed, &[], now).await?;
+        self.produce_outputs(&changed, &[], now, false).await?;
         self.confirm_outputs().await?;
         // Every outbox read, and every record just written again, is produced now; the next restore starts its
         // check after them.
@@ -333,6 +333,11 @@ impl Orchestrator {
         let Some(state) = self.partitions.get(&partition) else {
             return Ok(());
         };
+        edow_telemetry::metrics::RESTORE_DURATION.observe(started.elapsed().as_secs_f64());
+        edow_telemetry::metrics::WORKFLOWS_RESTORED.inc_by(state.held() as u64);
+        edow_telemetry::metrics::WORKFLOWS_IN_FLIGHT
+            .with_label_values(&[&partition.to_string()])
+            .set(state.held() as i64);
         tracing::info!(
             partition,
             epoch,

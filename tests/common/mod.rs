@@ -59,12 +59,30 @@ impl Cluster {
     }
 
     pub fn orchestrator(&self) -> Binary {
-        Binary::start("edow-orchestrator", "orchestrator", &[], &self.env())
+        self.orchestrator_with(&[])
+    }
+
+    /// An orchestrator with extra command-line arguments.
+    pub fn orchestrator_with(&self, args: &[&str]) -> Binary {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Binary::start("edow-orchestrator", "orchestrator", &args, &self.env())
     }
 
     /// A worker serving `tasks` (TYPE=HANDLER), ready once it has joined its group.
     pub fn worker(&self, id: &str, tasks: &[&str], concurrency: usize) -> Binary {
+        self.worker_with(id, tasks, concurrency, &[])
+    }
+
+    /// A [`Cluster::worker`] with extra command-line arguments.
+    pub fn worker_with(
+        &self,
+        id: &str,
+        tasks: &[&str],
+        concurrency: usize,
+        extra: &[&str],
+    ) -> Binary {
         let mut args = vec!["--worker-id".to_string(), id.to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
         args.extend(["--concurrency".to_string(), concurrency.to_string()]);
         for task in tasks {
             args.extend(["--task".to_string(), task.to_string()]);
@@ -274,4 +292,96 @@ pub async fn results(cluster: &Cluster) -> Vec<edow_schemas::contracts::TaskResu
 
 pub fn ended(events: &[LifecycleEvent]) -> usize {
     events.iter().filter(|e| e.kind.ends_workflow()).count()
+}
+
+/// One scrape of a `/metrics` endpoint in the Prometheus text format.
+pub struct Scrape {
+    /// (metric name, labels, value) of every sample.
+    samples: Vec<(String, std::collections::BTreeMap<String, String>, f64)>,
+    pub text: String,
+}
+
+impl Scrape {
+    /// Fetches `http://{addr}/metrics`; panics when it does not answer 200 in the text format.
+    pub async fn fetch(addr: &str) -> Scrape {
+        let response = http_client()
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("scraping {addr}: {e}"));
+        assert_eq!(response.status(), 200, "scraping {addr}");
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{content_type}"
+        );
+        Scrape::parse(&response.text().await.unwrap())
+    }
+
+    pub fn parse(text: &str) -> Scrape {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("a sample line");
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("value of {line}"));
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').expect("label=value");
+                    (key.to_string(), value.trim_matches('"').to_string())
+                })
+                .collect();
+            samples.push((name.to_string(), labels, value));
+        }
+        Scrape {
+            samples,
+            text: text.to_string(),
+        }
+    }
+
+    /// The sum of every sample of `name` whose labels include `labels`; 0 when there is none.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|(_, v)| v).sum()
+    }
+
+    /// How many series of `name` have labels including `labels`.
+    pub fn series(&self, name: &str, labels: &[(&str, &str)]) -> usize {
+        self.matching(name, labels).count()
+    }
+
+    /// The labels and value of every matching sample.
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = (&'a std::collections::BTreeMap<String, String>, f64)> + 'a {
+        self.samples
+            .iter()
+            .filter(move |(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, l, v)| (l, *v))
+    }
+}
+
+/// An HTTP client for the processes' listeners (loopback: no proxy).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
 }

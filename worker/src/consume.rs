@@ -12,11 +12,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use edow_kafka::dead_letters::Reason;
+use edow_telemetry::lag::LagReporter;
+use edow_telemetry::metrics;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, OwnedMessage};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -34,23 +37,30 @@ fn lock(tracker: &Mutex<OffsetTracker>) -> MutexGuard<'_, OffsetTracker> {
     tracker.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The consumer's context: keeps the offset tracker in step with the group's assignment.
+/// The consumer's context: keeps the offset tracker in step with the group's assignment, and exports the
+/// member's consumer lag from librdkafka's statistics.
 pub struct Rebalances {
     tracker: Arc<Mutex<OffsetTracker>>,
     /// Set on every assignment, so that the loop pauses new partitions too while saturated.
     assigned: AtomicBool,
+    lag: LagReporter,
 }
 
 impl Rebalances {
-    pub fn new(tracker: Arc<Mutex<OffsetTracker>>) -> Rebalances {
+    pub fn new(tracker: Arc<Mutex<OffsetTracker>>, group: &str) -> Rebalances {
         Rebalances {
             tracker,
             assigned: AtomicBool::new(false),
+            lag: LagReporter::new(group),
         }
     }
 }
 
-impl ClientContext for Rebalances {}
+impl ClientContext for Rebalances {
+    fn stats(&self, statistics: Statistics) {
+        self.lag.report(&statistics);
+    }
+}
 
 impl ConsumerContext for Rebalances {
     /// Runs before the revocation is acknowledged to the group: the last moment these offsets are ours.
@@ -165,6 +175,9 @@ pub async fn run(
     tokio::pin!(signal);
     loop {
         flow.start_queued();
+        let free = flow.permits.available_permits();
+        metrics::WORKER_FREE_SLOTS.set(free as i64);
+        metrics::WORKER_IN_FLIGHT.set(concurrency.saturating_sub(free) as i64);
         let receive = flow.backpressure(&consumer);
         tokio::select! {
             _ = &mut signal => break,
@@ -183,6 +196,9 @@ impl Flow {
     fn take(&mut self, msg: Result<BorrowedMessage<'_>, KafkaError>) {
         match msg {
             Ok(msg) => {
+                metrics::RECORDS_CONSUMED
+                    .with_label_values(&[msg.topic()])
+                    .inc();
                 if !self.paused.is_empty() {
                     tracing::debug!(
                         topic = msg.topic(),

@@ -55,6 +55,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Longest one attempt to publish a result or dead letter may take.
     pub publish_attempt_timeout: Duration,
+    /// Where to serve `/metrics` and `/healthz`; nothing is served without it.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Partitions of topics this worker creates when missing.
     pub partitions: i32,
     pub task_partitions: i32,
@@ -126,6 +128,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     }
     config.kafka.ensure_topics(&specs).await?;
+    edow_telemetry::metrics::init_worker();
+    // Dropped when `run` returns, which stops the listener.
+    let (_listener_stop, stop_listener) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = config.metrics_addr {
+        edow_telemetry::http::serve(addr, edow_telemetry::http::routes(), "metrics", async {
+            let _ = stop_listener.await;
+        })
+        .await?;
+    }
     if config.limits.max_output_bytes >= publish::MAX_RECORD_BYTES {
         tracing::warn!(
             max_output_bytes = config.limits.max_output_bytes,
@@ -135,13 +146,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let max_poll_interval = config.max_poll_interval();
-    let mut settings = config.kafka.group_consumer_config(&config.group);
+    let mut settings = config
+        .kafka
+        .group_consumer_config_reporting_lag(&config.group);
     settings.set(
         "max.poll.interval.ms",
         max_poll_interval.as_millis().to_string(),
     );
     let consumer: TaskConsumer = settings
-        .create_with_context(Rebalances::new(tracker.clone()))
+        .create_with_context(Rebalances::new(tracker.clone(), &config.group))
         .context("creating the worker's consumer")?;
     let names: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;

@@ -47,6 +47,9 @@ struct Args {
     /// ...taking at most this many bytes.
     #[arg(long, env = "EDOW_ANSWERED_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     answered_max_bytes: usize,
+    /// Where to serve /metrics and /healthz (e.g. 0.0.0.0:9090); nothing is served without it.
+    #[arg(long, env = "EDOW_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -87,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
         },
         max_poll_interval: args.max_poll_interval,
         shutdown_grace: args.shutdown_grace,
+        metrics_addr: args.metrics_addr,
         publish_attempt_timeout: Duration::from_secs(40),
         partitions: args.cluster.partitions,
         task_partitions: args.cluster.task_partitions,

@@ -211,7 +211,10 @@ impl Publisher {
             }
         };
         match delivery.await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                edow_kafka::count_produced_one(&self.results_topic);
+                Ok(())
+            }
             Ok(Err((e, _))) if too_large(&e) => Err(Failure::TooLarge(payload.len())),
             Ok(Err((e, _))) => Err(Failure::Produce(e.to_string())),
             Err(_) => Err(Failure::Produce("the producer dropped the record".into())),

@@ -92,6 +92,12 @@ pub async fn process(ctx: &TaskContext, msg: &OwnedMessage, lease: &Lease) -> Ou
     loop {
         match ctx.answered.begin(&request.task_id) {
             Begin::Answered(mut result) => {
+                edow_telemetry::metrics::TASKS
+                    .with_label_values(&[
+                        &edow_telemetry::metrics::TASK_TYPES.bounded(&request.task_type),
+                        "answered_again",
+                    ])
+                    .inc();
                 tracing::info!(task_id = %request.task_id, "redelivered task already answered; publishing its result again");
                 return ctx.publisher.result(&mut result, &stop).await.into();
             }
@@ -226,7 +232,37 @@ pub async fn run(ctx: &TaskContext, request: &TaskRequested) -> (TaskResult, Opt
         started_at,
         finished_at: now_millis(),
     };
+    count_run(request, &result);
     (result, poison)
+}
+
+/// Adds one handler run to the task metrics.
+fn count_run(request: &TaskRequested, result: &TaskResult) {
+    use edow_telemetry::metrics::{
+        CODES, TASKS, TASK_EXECUTION, TASK_FAILURES, TASK_RETRIES, TASK_SCHEDULE_TO_START,
+        TASK_TYPES,
+    };
+    let task_type = TASK_TYPES.bounded(&request.task_type);
+    let seconds = |from: i64, to: i64| (to - from).max(0) as f64 / 1000.0;
+    TASK_SCHEDULE_TO_START
+        .with_label_values(&[&task_type])
+        .observe(seconds(request.requested_at, result.started_at));
+    TASK_EXECUTION
+        .with_label_values(&[&task_type])
+        .observe(seconds(result.started_at, result.finished_at));
+    if request.attempt > 1 {
+        TASK_RETRIES.with_label_values(&[&task_type]).inc();
+    }
+    let outcome = match &result.error {
+        None => "completed",
+        Some(error) => {
+            TASK_FAILURES
+                .with_label_values(&[&task_type, &CODES.bounded(&error.code)])
+                .inc();
+            "failed"
+        }
+    };
+    TASKS.with_label_values(&[&task_type, outcome]).inc();
 }
 
 fn parse_input(input: &str, limit: usize) -> Result<Value, HandlerError> {

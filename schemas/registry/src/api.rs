@@ -46,6 +46,8 @@ type ApiResult = Result<Response, ApiError>;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
         .route("/", get(|| async { ok(json!({})) }))
         .route("/subjects", get(list_subjects))
         .route("/schemas/types", get(|| async { ok(json!(["AVRO"])) }))
@@ -93,7 +95,33 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "HTTP 405 Method Not Allowed",
             )
         })
+        .layer(axum::middleware::from_fn(count_requests))
         .with_state(state)
+}
+
+/// Adds every request to `edow_registry_requests_total`.
+async fn count_requests(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = match request.method().as_str() {
+        known @ ("GET" | "POST" | "PUT" | "DELETE" | "HEAD") => known.to_string(),
+        // Methods are any token a client sends; one label value stands for the rest.
+        _ => "other".to_string(),
+    };
+    let response = next.run(request).await;
+    edow_telemetry::metrics::REGISTRY_REQUESTS
+        .with_label_values(&[method.as_str(), response.status().as_str()])
+        .inc();
+    response
+}
+
+/// `/metrics`: the registry's metrics in the Prometheus text format.
+async fn metrics(State(state): Shared) -> Response {
+    let schemas = state.log.read().schema_count();
+    edow_telemetry::metrics::REGISTRY_SCHEMAS.set(schemas as i64);
+    (
+        [(header::CONTENT_TYPE, edow_telemetry::http::TEXT_FORMAT)],
+        edow_telemetry::metrics::render(),
+    )
+        .into_response()
 }
 
 fn ok(body: Value) -> Response {

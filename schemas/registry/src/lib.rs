@@ -37,6 +37,7 @@ pub async fn serve(
             config.topic, config.bootstrap_servers
         )
     })?;
+    edow_telemetry::metrics::init_registry();
     let app = api::router(api::AppState::new(log));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

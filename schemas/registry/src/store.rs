@@ -342,6 +342,11 @@ impl Store {
         Ok(Applied::Done)
     }
 
+    /// How many schemas (distinct ids) are held.
+    pub fn schema_count(&self) -> usize {
+        self.schemas.len()
+    }
+
     pub fn schema(&self, id: u32) -> Option<&Arc<CanonicalSchema>> {
         self.schemas.get(&id)
     }

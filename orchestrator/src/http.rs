@@ -1,0 +1,44 @@
+//! The orchestrator's HTTP listener (`--http-addr`): `/metrics`, `/healthz` and `/readyz`. Readiness means this
+//! instance has joined its group and restored the partitions of its first assignment; it stays ready through
+//! later rebalances, so that a rolling restart does not take every instance's API out of service at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+
+/// Whether the instance is ready, shared by the loop (which sets it) and the listener (which reports it).
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Every route the listener serves.
+pub fn router(readiness: Readiness) -> Router {
+    edow_telemetry::http::routes().route(
+        "/readyz",
+        get(move || {
+            let ready = readiness.is_ready();
+            async move {
+                if ready {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: joining the group or restoring partitions\n",
+                    )
+                }
+            }
+        }),
+    )
+}
