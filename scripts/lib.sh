@@ -25,6 +25,15 @@ wait_for_port() {
   echo "$name did not listen on $port within 60 s; its log:" >&2; tail -n 40 "$log" >&2; return 1
 }
 
+# http_get PORT PATH: the body of GET http://127.0.0.1:PORT/PATH, with bash alone (no curl on a bare machine).
+http_get() {
+  local port=$1 path=$2
+  exec 3<>"/dev/tcp/127.0.0.1/$port"
+  printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$path" >&3
+  sed '1,/^\r$/d' <&3
+  exec 3<&-
+}
+
 STARTED_PIDS=()
 
 # Stops every process started with `remember_pid`, newest first: SIGTERM, then SIGKILL after 10 s.
@@ -37,7 +46,16 @@ stop_started() {
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
-  STARTED_PIDS=()
+  # http_get PORT PATH: the body of GET http://127.0.0.1:PORT/PATH, with bash alone (no curl on a bare machine).
+http_get() {
+  local port=$1 path=$2
+  exec 3<>"/dev/tcp/127.0.0.1/$port"
+  printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$path" >&3
+  sed '1,/^\r$/d' <&3
+  exec 3<&-
+}
+
+STARTED_PIDS=()
 }
 
 remember_pid() { STARTED_PIDS+=("$1"); }

@@ -321,3 +321,135 @@ fn k8s_manifests_are_namespaced_and_configure_what_the_binaries_read() {
         }
     }
 }
+
+/// The port of a listen address such as `0.0.0.0:8080`.
+fn port_of(addr: &str) -> u64 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn compose_scrapes_every_orchestrator_and_worker_and_provisions_the_dashboard() {
+    let compose = compose();
+    let services = &compose["services"];
+    let http = port_of(env_of(&services["orchestrator"], "EDOW_HTTP_ADDR"));
+    let metrics = port_of(env_of(&services["worker"], "EDOW_METRICS_ADDR"));
+    assert!(
+        published_ports(&services["orchestrator"]).contains(&format!("{http}:{http}")),
+        "the orchestrator's API and metrics reach the host"
+    );
+    let prometheus = &services["prometheus"];
+    assert!(prometheus["image"]
+        .as_str()
+        .unwrap()
+        .starts_with("prom/prometheus:"));
+    let mounted: Vec<&str> = prometheus["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        mounted.contains(&"./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro")
+    );
+
+    let text = std::fs::read_to_string(root().join("deploy/prometheus/prometheus.yml")).unwrap();
+    let config: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let mut scraped = BTreeSet::new();
+    for job in config["scrape_configs"].as_sequence().unwrap() {
+        for sd in job["dns_sd_configs"].as_sequence().unwrap() {
+            let port = sd["port"].as_u64().unwrap();
+            for name in sd["names"].as_sequence().unwrap() {
+                scraped.insert((name.as_str().unwrap().to_string(), port));
+            }
+        }
+    }
+    assert!(
+        scraped.contains(&("orchestrator".to_string(), http)),
+        "{scraped:?}"
+    );
+    assert!(
+        scraped.contains(&("worker".to_string(), metrics)),
+        "{scraped:?}"
+    );
+
+    let grafana = &services["grafana"];
+    let volumes: Vec<&str> = grafana["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for (source, _) in volumes.iter().filter_map(|v| v.split_once(':')) {
+        assert!(
+            root().join(source).exists(),
+            "grafana mounts {source}, which is missing"
+        );
+    }
+    let provider =
+        std::fs::read_to_string(root().join("deploy/grafana/provisioning/dashboards/edow.yml"))
+            .unwrap();
+    let provider: Value = serde_yaml_ng::from_str(&provider).unwrap();
+    let path = provider["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    assert!(
+        volumes.contains(&format!("./deploy/grafana/dashboards:{path}:ro").as_str()),
+        "the dashboards folder is mounted where the provider reads"
+    );
+}
+
+#[test]
+fn k8s_pods_are_scraped_and_probed_on_the_port_their_binary_listens_on() {
+    for (file, doc) in k8s_documents()
+        .iter()
+        .filter(|(_, d)| d["kind"] == "Deployment")
+    {
+        let template = &doc["spec"]["template"];
+        let annotations = &template["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{file}");
+        let port: u64 = annotations["prometheus.io/port"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let container = &template["spec"]["containers"][0];
+        let binary = container["command"][0].as_str().unwrap();
+        let var = if binary == "orchestrator" {
+            "EDOW_HTTP_ADDR"
+        } else {
+            "EDOW_METRICS_ADDR"
+        };
+        let listen = container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == var)
+            .unwrap_or_else(|| panic!("{file} does not set {var}"));
+        assert_eq!(port_of(listen["value"].as_str().unwrap()), port, "{file}");
+        let named = container["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["containerPort"].as_u64() == Some(port))
+            .unwrap_or_else(|| panic!("{file}: no containerPort {port}"));
+        let name = named["name"].as_str().unwrap();
+        assert_eq!(
+            container["livenessProbe"]["httpGet"]["path"], "/healthz",
+            "{file}"
+        );
+        assert_eq!(
+            container["livenessProbe"]["httpGet"]["port"], name,
+            "{file}"
+        );
+        if binary == "orchestrator" {
+            assert_eq!(
+                container["readinessProbe"]["httpGet"]["path"], "/readyz",
+                "{file}"
+            );
+            assert_eq!(
+                container["readinessProbe"]["httpGet"]["port"], name,
+                "{file}"
+            );
+        }
+    }
+}

@@ -198,7 +198,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         specs.push(TopicSpec::new(Topics::dead_letters(&input), n, rf));
     }
     config.kafka.ensure_topics(&specs).await?;
-    edow_telemetry::metrics::init_orchestrator();
+    edow_telemetry::metrics::init(edow_telemetry::metrics::Exporter::Orchestrator);
     let readiness = http::Readiness::default();
     // Dropped when `run` returns, which stops the listener.
     let (_listener_stop, stop_listener) = tokio::sync::oneshot::channel::<()>();

@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::sync::{LazyLock, Mutex};
 
+use prometheus::core::Collector;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -39,7 +40,7 @@ const RESTORE_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(collector: C) -> C {
+fn register<C: Collector + Clone + 'static>(collector: C) -> C {
     // A name registered twice is a programming error in this file, caught by the unit test that touches every
     // metric; it is logged rather than allowed to take the process down.
     if let Err(e) = REGISTRY.register(Box::new(collector.clone())) {
@@ -255,46 +256,69 @@ pub static REGISTRY_SCHEMAS: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 
-/// The metrics of the Kafka edges and the orchestrator, registered at once: a process exports its metrics at
-/// zero from the start, so that a dashboard tells "nothing happened" from "not exported".
-pub fn init_orchestrator() {
-    init_kafka();
-    LazyLock::force(&WORKFLOWS_STARTED);
-    LazyLock::force(&WORKFLOWS_ENDED);
-    LazyLock::force(&WORKFLOW_DURATION);
-    LazyLock::force(&STEP_FAILURES);
-    LazyLock::force(&STEP_RETRIES);
-    LazyLock::force(&BATCH_INPUTS);
-    LazyLock::force(&BATCH_STAGE);
-    LazyLock::force(&REGISTRY_STALLS);
-    LazyLock::force(&RESTORE_DURATION);
-    LazyLock::force(&WORKFLOWS_RESTORED);
-    LazyLock::force(&WORKFLOWS_IN_FLIGHT);
+/// The binaries that export metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exporter {
+    Orchestrator,
+    Worker,
+    Registry,
 }
 
-/// The metrics of the Kafka edges and the worker, registered at once (see [`init_orchestrator`]).
-pub fn init_worker() {
-    init_kafka();
-    LazyLock::force(&TASKS);
-    LazyLock::force(&TASK_FAILURES);
-    LazyLock::force(&TASK_RETRIES);
-    LazyLock::force(&TASK_EXECUTION);
-    LazyLock::force(&TASK_SCHEDULE_TO_START);
-    LazyLock::force(&WORKER_IN_FLIGHT);
-    LazyLock::force(&WORKER_FREE_SLOTS);
+/// Every metric `exporter` exports (touching each registers it).
+pub fn collectors(exporter: Exporter) -> Vec<&'static dyn Collector> {
+    let kafka: [&'static dyn Collector; 4] = [
+        &*RECORDS_CONSUMED,
+        &*RECORDS_PRODUCED,
+        &*DEAD_LETTERS,
+        &*CONSUMER_LAG,
+    ];
+    match exporter {
+        Exporter::Orchestrator => {
+            let own: [&'static dyn Collector; 11] = [
+                &*WORKFLOWS_STARTED,
+                &*WORKFLOWS_ENDED,
+                &*WORKFLOW_DURATION,
+                &*STEP_FAILURES,
+                &*STEP_RETRIES,
+                &*BATCH_INPUTS,
+                &*BATCH_STAGE,
+                &*REGISTRY_STALLS,
+                &*RESTORE_DURATION,
+                &*WORKFLOWS_RESTORED,
+                &*WORKFLOWS_IN_FLIGHT,
+            ];
+            kafka.into_iter().chain(own).collect()
+        }
+        Exporter::Worker => {
+            let own: [&'static dyn Collector; 7] = [
+                &*TASKS,
+                &*TASK_FAILURES,
+                &*TASK_RETRIES,
+                &*TASK_EXECUTION,
+                &*TASK_SCHEDULE_TO_START,
+                &*WORKER_IN_FLIGHT,
+                &*WORKER_FREE_SLOTS,
+            ];
+            kafka.into_iter().chain(own).collect()
+        }
+        Exporter::Registry => vec![&*REGISTRY_REQUESTS, &*REGISTRY_SCHEMAS],
+    }
 }
 
-/// The registry's metrics, registered at once (see [`init_orchestrator`]).
-pub fn init_registry() {
-    LazyLock::force(&REGISTRY_REQUESTS);
-    LazyLock::force(&REGISTRY_SCHEMAS);
+/// Registers every metric of `exporter` at start: those without labels then render at 0 from the first scrape,
+/// so that a dashboard tells "nothing happened" from "not exported" (labelled ones appear with their first
+/// label values, as with every Prometheus client).
+pub fn init(exporter: Exporter) {
+    collectors(exporter);
 }
 
-fn init_kafka() {
-    LazyLock::force(&RECORDS_CONSUMED);
-    LazyLock::force(&RECORDS_PRODUCED);
-    LazyLock::force(&DEAD_LETTERS);
-    LazyLock::force(&CONSUMER_LAG);
+/// The name of every metric family `exporter` exports.
+pub fn names(exporter: Exporter) -> Vec<String> {
+    collectors(exporter)
+        .iter()
+        .flat_map(|c| c.desc())
+        .map(|d| d.fq_name.clone())
+        .collect()
 }
 
 /// The registry in the Prometheus text exposition format.
@@ -365,10 +389,10 @@ mod tests {
 
     #[test]
     fn every_metric_registers_once_and_renders_with_its_prefix() {
-        init_orchestrator();
-        init_orchestrator();
-        init_worker();
-        init_registry();
+        init(Exporter::Orchestrator);
+        init(Exporter::Orchestrator);
+        init(Exporter::Worker);
+        init(Exporter::Registry);
         RECORDS_CONSUMED.with_label_values(&["t"]).inc();
         BATCH_INPUTS.observe(3.0);
         let text = render();

@@ -128,7 +128,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     }
     config.kafka.ensure_topics(&specs).await?;
-    edow_telemetry::metrics::init_worker();
+    edow_telemetry::metrics::init(edow_telemetry::metrics::Exporter::Worker);
     // Dropped when `run` returns, which stops the listener.
     let (_listener_stop, stop_listener) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = config.metrics_addr {

@@ -37,7 +37,7 @@ pub async fn serve(
             config.topic, config.bootstrap_servers
         )
     })?;
-    edow_telemetry::metrics::init_registry();
+    edow_telemetry::metrics::init(edow_telemetry::metrics::Exporter::Registry);
     let app = api::router(api::AppState::new(log));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
