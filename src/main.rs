@@ -16,6 +16,7 @@ use edow_schemas::contracts::{
 };
 use edow_schemas::topics::value_subject;
 use edow_schemas::{Codec, Topics};
+use edow_telemetry::trace::TraceContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -97,6 +98,10 @@ enum Command {
         version: Option<i32>,
         #[arg(long)]
         correlation_id: Option<String>,
+        /// The W3C trace context to start the workflow in (default: a new trace); every record of the workflow
+        /// carries its trace id, printed on stderr.
+        #[arg(long, env = "TRACEPARENT")]
+        traceparent: Option<String>,
     },
     /// Send a named signal to a running instance (a wait step listening for it continues).
     Signal {
@@ -185,7 +190,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             id,
             version,
             correlation_id,
+            traceparent,
         } => {
+            let trace = match traceparent.as_deref().filter(|t| !t.trim().is_empty()) {
+                Some(text) => TraceContext::parse(text, None).with_context(|| {
+                    format!(
+                        "--traceparent (or TRACEPARENT) is not a W3C traceparent: {text:?}; write \
+                         00-<32 hex trace id>-<16 hex span id>-<2 hex flags>, or leave it out"
+                    )
+                })?,
+                None => TraceContext::new_root(),
+            };
             let id = start(
                 &kafka,
                 &codec,
@@ -195,9 +210,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 id,
                 version,
                 correlation_id,
+                &trace,
             )
             .await?;
             println!("{id}");
+            eprintln!("trace id {}", trace.trace_id_hex());
             Ok(())
         }
         Command::Load {
@@ -498,6 +515,7 @@ async fn start(
     id: Option<String>,
     version: Option<i32>,
     correlation_id: Option<String>,
+    trace: &TraceContext,
 ) -> anyhow::Result<String> {
     serde_json::from_str::<serde_json::Value>(input)
         .with_context(|| format!("--input is not a JSON document: {input}"))?;
@@ -529,7 +547,7 @@ async fn start(
             partition: None,
             key: id.as_bytes().to_vec(),
             payload: Some(payload),
-            headers: Vec::new(),
+            headers: trace.headers(),
         }],
     )
     .await?;

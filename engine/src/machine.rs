@@ -288,6 +288,9 @@ pub struct Instance {
     pub depth: u32,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// The W3C trace context the workflow's records carry, as the driver stores it; opaque to the engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<String>,
     /// Changes applied; grows by one per input that changed the instance.
     pub sequence: i64,
     pub deadline_at: Option<Millis>,
@@ -1572,6 +1575,7 @@ impl Instance {
             depth: start.depth,
             created_at: now,
             updated_at: now,
+            trace_context: None,
             sequence: 1,
             deadline_at: definition.deadline.map(|d| later(now, d.as_millis())),
             root: None,

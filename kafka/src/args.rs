@@ -40,6 +40,21 @@ pub struct ClusterArgs {
     pub kafka_options: Vec<(String, String)>,
 }
 
+/// How a runtime binary logs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log format: text (human-readable, one line per event with its span fields) or json (one object per line,
+    /// with the current span's fields: workflow_id, task_id, correlation_id, trace_id).
+    #[arg(long, env = "EDOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// librdkafka settings edow's guarantees rest on: an operator may not change them.
 const FIXED_OPTIONS: [&str; 8] = [
     "bootstrap.servers",

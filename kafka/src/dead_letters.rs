@@ -83,7 +83,10 @@ pub async fn publish(
             slim.value.as_ref().map_or(0, Vec::len),
         );
         slim.value = None;
-        slim.headers.clear();
+        slim.headers.retain(|key, value| {
+            (key == edow_telemetry::trace::TRACEPARENT || key == edow_telemetry::trace::TRACESTATE)
+                && value.0.len() <= 512
+        });
         if key > 1024 {
             slim.key = None;
         }
@@ -112,12 +115,24 @@ pub async fn publish(
         ("edow.dlq.failed-at", letter.dead_lettered_at.to_string()),
         ("edow.dlq.service", letter.service.clone()),
     ];
-    let mut headers = OwnedHeaders::new_with_capacity(facts.len());
+    let mut headers = OwnedHeaders::new_with_capacity(facts.len() + 2);
     for (key, value) in &facts {
         headers = headers.insert(Header {
             key,
             value: Some(value.as_bytes()),
         });
+    }
+    // The dead letter stays in the trace of the record it holds.
+    for key in [
+        edow_telemetry::trace::TRACEPARENT,
+        edow_telemetry::trace::TRACESTATE,
+    ] {
+        if let Some(value) = letter.headers.get(key) {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.0.as_slice()),
+            });
+        }
     }
     let mut record = FutureRecord::to(&topic).payload(&value).headers(headers);
     if let Some(key) = letter.key.as_deref() {

@@ -16,6 +16,7 @@ use edow_kafka::dead_letters::Reason;
 use edow_schemas::contracts::{
     SignalKind, TaskError, TaskResult, TaskStatus, WorkflowSignal, WorkflowTrigger,
 };
+use edow_telemetry::trace::TraceContext;
 use serde_json::Value;
 
 use crate::decode::Input;
@@ -35,6 +36,7 @@ impl Orchestrator {
         partition: i32,
         offset: i64,
         input: Input,
+        trace: &TraceContext,
         now: i64,
         out: &mut BatchOutput,
     ) -> Result<(), Reason> {
@@ -42,7 +44,7 @@ impl Orchestrator {
             Input::Trigger(trigger) => {
                 let parent = parent_of(&trigger)?;
                 let child = trigger.workflow_id.clone();
-                let started = self.start(partition, trigger, parent.clone(), now, out);
+                let started = self.start(partition, trigger, parent.clone(), trace, now, out);
                 if let (Err(reason), Some(parent)) = (&started, parent) {
                     // The parent waits for this child's end; a child that never starts must say so.
                     out.refused_children.push((parent, child, reason.clone()));
@@ -59,6 +61,7 @@ impl Orchestrator {
         partition: i32,
         trigger: WorkflowTrigger,
         parent: Option<String>,
+        trace: &TraceContext,
         now: i64,
         out: &mut BatchOutput,
     ) -> Result<(), Reason> {
@@ -115,6 +118,8 @@ impl Orchestrator {
         }));
         match started {
             Ok((mut instance, mut commands)) => {
+                // The trigger's `process` context is the root of every record of the workflow.
+                instance.trace_context = Some(trace.to_stored());
                 let early = self
                     .partitions
                     .get_mut(&partition)

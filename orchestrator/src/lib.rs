@@ -25,6 +25,7 @@ pub mod partition;
 mod produce;
 mod rebalance;
 mod restore;
+mod traces;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -145,6 +146,8 @@ struct BatchOutput {
     dead_letters: Vec<edow_schemas::contracts::DeadLetter>,
     /// Child triggers that were refused: (parent id, child id, why), reported to the parent as a failed result.
     refused_children: Vec<(String, String, Reason)>,
+    /// The trace context of the last input applied to each workflow: its records are sent below it.
+    trace_parents: HashMap<String, edow_telemetry::trace::TraceContext>,
 }
 
 struct Orchestrator {
@@ -341,11 +344,23 @@ impl Orchestrator {
         for (msg, decoded) in inputs {
             offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
             let (partition, offset) = (msg.partition(), msg.offset());
-            let applied =
-                decoded.and_then(|input| self.apply(partition, offset, input, now, &mut out));
-            if let Err(reason) = applied {
-                out.dead_letters
-                    .push(dead_letters::dead_letter(msg, &reason, SERVICE));
+            let mut traced = traces::InputTrace::begin(msg, &decoded, &self.config.group);
+            let log = traced.log.clone();
+            let _in_span = log.enter();
+            let context = &traced.process.context;
+            let applied = decoded
+                .and_then(|input| self.apply(partition, offset, input, context, now, &mut out));
+            match applied {
+                Ok(()) => {
+                    if let Some(id) = traced.workflow_id.take() {
+                        out.trace_parents.insert(id, context.clone());
+                    }
+                }
+                Err(reason) => {
+                    traced.process.fail(&reason.error);
+                    out.dead_letters
+                        .push(dead_letters::dead_letter(msg, &reason, SERVICE));
+                }
             }
         }
         self.fire_timers(now, &mut out);
@@ -370,7 +385,8 @@ impl Orchestrator {
             dead_letters::publish(&self.producer, &self.codec, &letter).await?;
         }
         let applied = began.elapsed();
-        self.produce_outputs(&out.changed, &out.purged, now, true)
+        let made = traces::Made::Now(&out.trace_parents);
+        self.produce_outputs(&out.changed, &out.purged, now, made)
             .await?;
         let produced = began.elapsed();
         self.produce_early(&out.early, now).await?;

@@ -4,13 +4,15 @@ use std::time::Duration;
 
 use clap::Parser;
 use edow_engine::Limits;
-use edow_kafka::args::ClusterArgs;
+use edow_kafka::args::{ClusterArgs, LogArgs};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "edow orchestrator")]
 struct Args {
     #[command(flatten)]
     cluster: ClusterArgs,
+    #[command(flatten)]
+    log: LogArgs,
     /// Consumer group of the orchestrator instances.
     #[arg(
         long,
@@ -46,8 +48,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    edow_kafka::process::init_logging();
     let args = Args::parse();
+    edow_kafka::process::init_logging(args.log.log_format);
+    let _spans = edow_telemetry::trace::init_export("edow-orchestrator")?;
     let mut config = edow_orchestrator::Config::new(
         args.cluster.kafka(),
         args.cluster.registry.clone(),

@@ -27,7 +27,9 @@ use crate::observe::Observation;
 use crate::partition::{
     EarlySignal, Marker, Packed, EPOCH_HEADER, MARKER_KEY, OUTBOX_HEADER, TIMER_HEADER,
 };
+use crate::traces::{self, Made};
 use crate::{Orchestrator, DEPTH_ATTRIBUTE, PARENT_ATTRIBUTE};
+use edow_telemetry::trace::TraceContext;
 
 /// What a batch's background task reports once its outputs are acknowledged: the events' positions, and below
 /// which changelog offset each partition's outboxes are now all produced.
@@ -49,6 +51,8 @@ struct WorkflowRecords {
     events: Vec<Outgoing>,
     /// What metrics count of its events once the changelog record is acknowledged.
     observation: Option<Observation>,
+    /// The workflow's root trace context, from its state.
+    trace: Option<TraceContext>,
 }
 
 impl WorkflowRecords {
@@ -71,15 +75,16 @@ impl WorkflowRecords {
 
 impl Orchestrator {
     /// Writes the changelog records of `changed` and the tombstones of `purged`, then sends the outboxes' tasks
-    /// and events without waiting for them (see [`Orchestrator::confirm_outputs`]). With `observe`, their
-    /// lifecycle events are counted in the metrics once the changelog is written (not for outboxes a restore
-    /// produces again: those were counted when they were made).
+    /// and events without waiting for them (see [`Orchestrator::confirm_outputs`]). Every record carries the
+    /// workflow's trace context. When `made` now, their lifecycle events are counted in the metrics once the
+    /// changelog is written and their `send` spans are exported (not for outboxes a restore produces again:
+    /// those were counted and traced when they were made).
     pub(crate) async fn produce_outputs(
         &mut self,
         changed: &BTreeSet<(i32, String)>,
         purged: &[(i32, String)],
         now: i64,
-        observe: bool,
+        made: Made<'_>,
     ) -> anyhow::Result<()> {
         if changed.is_empty() && purged.is_empty() {
             return Ok(());
@@ -131,6 +136,12 @@ impl Orchestrator {
                     }
                 }
             }
+            if let Some(parent) = made.parent(id, records.trace.take()) {
+                let all = std::iter::once(&mut records.changelog)
+                    .chain(records.tasks.iter_mut())
+                    .chain(records.events.iter_mut());
+                traces::stamp(all, &parent, made.is_new());
+            }
             changelog.push(records.changelog);
             observations.extend(records.observation);
             tasks.extend(records.tasks);
@@ -154,7 +165,7 @@ impl Orchestrator {
         let written = produce_all(&self.producer, &changelog)
             .await
             .context("writing the changelog")?;
-        if observe {
+        if made.is_new() {
             observations.iter().for_each(Observation::record);
         }
         tracing::debug!(
@@ -467,6 +478,11 @@ impl Orchestrator {
             tasks: Vec::new(),
             events: Vec::new(),
             observation: Observation::of(&persisted.instance, &persisted.outbox.commands),
+            trace: persisted
+                .instance
+                .trace_context
+                .as_deref()
+                .and_then(TraceContext::from_stored),
         };
         for command in &persisted.outbox.commands {
             match command {

@@ -317,7 +317,8 @@ impl Orchestrator {
         let now = now_millis();
         let epoch = state.epoch;
         self.partitions.insert(partition, state);
-        self.produce_outputs(&changed, &[], now, false).await?;
+        self.produce_outputs(&changed, &[], now, crate::traces::Made::Again)
+            .await?;
         self.confirm_outputs().await?;
         // Every outbox read, and every record just written again, is produced now; the next restore starts its
         // check after them.

@@ -64,8 +64,15 @@ impl Cluster {
 
     /// An orchestrator with extra command-line arguments.
     pub fn orchestrator_with(&self, args: &[&str]) -> Binary {
+        self.orchestrator_with_env(args, &[])
+    }
+
+    /// An orchestrator with extra command-line arguments and environment.
+    pub fn orchestrator_with_env(&self, args: &[&str], env: &[(&'static str, String)]) -> Binary {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Binary::start("edow-orchestrator", "orchestrator", &args, &self.env())
+        let mut all = self.env();
+        all.extend(env.iter().cloned());
+        Binary::start("edow-orchestrator", "orchestrator", &args, &all)
     }
 
     /// A worker serving `tasks` (TYPE=HANDLER), ready once it has joined its group.
@@ -81,6 +88,18 @@ impl Cluster {
         concurrency: usize,
         extra: &[&str],
     ) -> Binary {
+        self.worker_with_env(id, tasks, concurrency, extra, &[])
+    }
+
+    /// A [`Cluster::worker`] with extra command-line arguments and environment.
+    pub fn worker_with_env(
+        &self,
+        id: &str,
+        tasks: &[&str],
+        concurrency: usize,
+        extra: &[&str],
+        extra_env: &[(&'static str, String)],
+    ) -> Binary {
         let mut args = vec!["--worker-id".to_string(), id.to_string()];
         args.extend(extra.iter().map(|a| a.to_string()));
         args.extend(["--concurrency".to_string(), concurrency.to_string()]);
@@ -89,6 +108,7 @@ impl Cluster {
         }
         let mut env = self.env();
         env.push(("RUST_LOG", "info,edow_worker=debug".into()));
+        env.extend(extra_env.iter().cloned());
         Binary::start("edow-worker", "worker", &args, &env)
     }
 

@@ -174,6 +174,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         ),
         shutdown: shutdown::Shutdown::new(),
         worker_id: config.worker_id,
+        group: config.group.clone(),
         handlers: config.handlers,
         task_timeout: config.task_timeout,
         max_input_bytes: config.limits.max_input_bytes,

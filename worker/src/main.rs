@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use clap::Parser;
-use edow_kafka::args::ClusterArgs;
+use edow_kafka::args::{ClusterArgs, LogArgs};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "edow worker")]
@@ -15,6 +15,8 @@ struct Args {
     tasks: Vec<String>,
     #[command(flatten)]
     cluster: ClusterArgs,
+    #[command(flatten)]
+    log: LogArgs,
     /// Consumer group of the workers.
     #[arg(long, env = "EDOW_WORKER_GROUP", default_value = "edow-workers")]
     group: String,
@@ -54,8 +56,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    edow_kafka::process::init_logging();
     let args = Args::parse();
+    edow_kafka::process::init_logging(args.log.log_format);
+    let _spans = edow_telemetry::trace::init_export("edow-worker")?;
     let limits = edow_worker::handlers::HandlerLimits {
         timeout: args.task_timeout,
         max_output_bytes: args.max_output_bytes,

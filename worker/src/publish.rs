@@ -11,6 +11,7 @@ use std::time::Duration;
 use edow_kafka::dead_letters::{self, Reason};
 use edow_schemas::contracts::{TaskError, TaskResult, TaskStatus};
 use edow_schemas::Codec;
+use edow_telemetry::trace::{self, Destination, TraceContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -149,13 +150,28 @@ impl Publisher {
 
     /// Publishes `result` until acknowledged. When it cannot fit in a record it is replaced (in place) by a
     /// non-retryable `output_too_large` failure, which is published instead.
-    pub async fn result(&self, result: &mut TaskResult, stop: &Stop<'_>) -> Result<(), Stopped> {
+    pub async fn result(
+        &self,
+        result: &mut TaskResult,
+        trace: Option<&TraceContext>,
+        stop: &Stop<'_>,
+    ) -> Result<(), Stopped> {
         let mut backoff = Backoff::new(self.max_backoff);
         let mut replaced = false;
+        // One `send` span for the result, however many attempts its publishing takes.
+        let sent = trace.map(|parent| {
+            trace::send(
+                parent,
+                &Destination {
+                    topic: &self.results_topic,
+                    partition: None,
+                    key: result.workflow_id.as_bytes(),
+                },
+            )
+        });
         loop {
-            let failure = match tokio::time::timeout(self.attempt_timeout, self.try_result(result))
-                .await
-            {
+            let attempt = self.try_result(result, sent.as_ref());
+            let failure = match tokio::time::timeout(self.attempt_timeout, attempt).await {
                 Ok(Ok(())) => {
                     if backoff.failures > 0 {
                         tracing::info!(task_id = %result.task_id, failures = backoff.failures, "result published after retrying");
@@ -189,7 +205,11 @@ impl Publisher {
         }
     }
 
-    async fn try_result(&self, result: &TaskResult) -> Result<(), Failure> {
+    async fn try_result(
+        &self,
+        result: &TaskResult,
+        trace: Option<&TraceContext>,
+    ) -> Result<(), Failure> {
         let payload = self
             .codecs
             .current()
@@ -199,6 +219,16 @@ impl Publisher {
         let mut record = FutureRecord::to(&self.results_topic)
             .key(result.workflow_id.as_bytes())
             .payload(&payload);
+        if let Some(trace) = trace {
+            let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(2);
+            for (key, value) in trace.headers() {
+                headers = headers.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(&value),
+                });
+            }
+            record = record.headers(headers);
+        }
         let delivery = loop {
             match self.producer.send_result(record) {
                 Ok(delivery) => break delivery,

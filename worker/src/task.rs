@@ -11,9 +11,12 @@ use std::time::Duration;
 use edow_kafka::dead_letters::Reason;
 use edow_kafka::now_millis;
 use edow_schemas::contracts::{TaskError, TaskRequested, TaskResult, TaskStatus};
+use edow_telemetry::trace::{self, Destination, TraceContext};
+use opentelemetry::KeyValue;
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use crate::answered::{Answered, Begin, Finished};
 use crate::handlers::{encode_output, truncate, AbortOnDrop, Handler, HandlerError, Task};
@@ -29,6 +32,8 @@ const MAX_ERROR_CHARS: usize = 8 * 1024;
 /// What every task of a worker shares.
 pub struct TaskContext {
     pub worker_id: String,
+    /// The consumer group, for spans.
+    pub group: String,
     pub handlers: HashMap<String, Arc<dyn Handler>>,
     pub task_timeout: Duration,
     pub max_input_bytes: usize,
@@ -75,6 +80,47 @@ pub async fn process(ctx: &TaskContext, msg: &OwnedMessage, lease: &Lease) -> Ou
         Ok(None) => return Outcome::Acknowledged,
         Err(Stopped) => return Outcome::Abandoned,
     };
+    let incoming = TraceContext::from_headers(msg.headers());
+    let mut span = trace::process(
+        incoming.as_ref(),
+        &Destination {
+            topic: msg.topic(),
+            partition: Some(msg.partition()),
+            key: msg.key().unwrap_or_default(),
+        },
+        &ctx.group,
+        msg.offset(),
+        vec![
+            KeyValue::new("edow.task.id", request.task_id.clone()),
+            KeyValue::new("edow.workflow.id", request.workflow_id.clone()),
+            KeyValue::new("edow.task.type", request.task_type.clone()),
+        ],
+    );
+    let log = tracing::info_span!(
+        "task",
+        task_id = %request.task_id,
+        workflow_id = %request.workflow_id,
+        correlation_id = request.correlation_id.as_deref().unwrap_or(""),
+        trace_id = %span.context.trace_id_hex(),
+    );
+    let (outcome, failure) = answer(ctx, msg, request, &span.context, &stop)
+        .instrument(log)
+        .await;
+    if let Some(failure) = failure {
+        span.fail(&failure);
+    }
+    outcome
+}
+
+/// Answers a decoded task, below the trace context `trace`; returns the outcome, and the failure message when
+/// the handler failed.
+async fn answer(
+    ctx: &TaskContext,
+    msg: &OwnedMessage,
+    request: TaskRequested,
+    trace: &TraceContext,
+    stop: &Stop<'_>,
+) -> (Outcome, Option<String>) {
     let id_bytes = request.task_id.len() + request.workflow_id.len() + request.step.len();
     if id_bytes > MAX_ID_BYTES {
         let reason = Reason::new(
@@ -83,11 +129,12 @@ pub async fn process(ctx: &TaskContext, msg: &OwnedMessage, lease: &Lease) -> Ou
                 "the task id, workflow id and step take {id_bytes} bytes, over {MAX_ID_BYTES}: no result could carry them"
             ),
         );
-        return ctx
+        let outcome = ctx
             .publisher
-            .dead_letter(msg, &reason, &ctx.service(), &stop)
+            .dead_letter(msg, &reason, &ctx.service(), stop)
             .await
             .into();
+        return (outcome, Some(reason.error));
     }
     loop {
         match ctx.answered.begin(&request.task_id) {
@@ -98,45 +145,53 @@ pub async fn process(ctx: &TaskContext, msg: &OwnedMessage, lease: &Lease) -> Ou
                         "answered_again",
                     ])
                     .inc();
-                tracing::info!(task_id = %request.task_id, "redelivered task already answered; publishing its result again");
-                return ctx.publisher.result(&mut result, &stop).await.into();
+                tracing::info!("redelivered task already answered; publishing its result again");
+                let published = ctx.publisher.result(&mut result, Some(trace), stop).await;
+                return (published.into(), None);
             }
             Begin::Running(wait) => {
-                tracing::info!(task_id = %request.task_id, "task delivered again while running here; waiting for that attempt's result");
+                tracing::info!(
+                    "task delivered again while running here; waiting for that attempt's result"
+                );
                 let finished = tokio::select! {
                     finished = wait.outcome() => finished,
-                    _ = stop.wait() => return Outcome::Abandoned,
+                    _ = stop.wait() => return (Outcome::Abandoned, None),
                 };
                 match finished {
                     Some(Finished {
                         published: true, ..
-                    }) => return Outcome::Acknowledged,
+                    }) => return (Outcome::Acknowledged, None),
                     Some(Finished { mut result, .. }) => {
-                        let published = ctx.publisher.result(&mut result, &stop).await;
+                        let published = ctx.publisher.result(&mut result, Some(trace), stop).await;
                         if published.is_ok() {
                             ctx.answered.remember(result);
                         }
-                        return published.into();
+                        return (published.into(), None);
                     }
                     // That attempt ended without a result (it was dropped): run the task here.
                     None => continue,
                 }
             }
             Begin::Start(attempt) => {
-                let (mut result, poison) = run(ctx, &request).await;
-                let published = ctx.publisher.result(&mut result, &stop).await;
+                let (mut result, poison) = run(ctx, &request, Some(trace)).await;
+                let failure = result
+                    .error
+                    .as_ref()
+                    .map(|e| format!("{}: {}", e.code, e.message));
+                let published = ctx.publisher.result(&mut result, Some(trace), stop).await;
                 attempt.finish(result, published.is_ok());
                 if published.is_err() {
-                    return Outcome::Abandoned;
+                    return (Outcome::Abandoned, failure);
                 }
-                return match poison {
+                let outcome = match poison {
                     Some(reason) => ctx
                         .publisher
-                        .dead_letter(msg, &reason, &ctx.service(), &stop)
+                        .dead_letter(msg, &reason, &ctx.service(), stop)
                         .await
                         .into(),
                     None => Outcome::Acknowledged,
                 };
+                return (outcome, failure);
             }
         }
     }
@@ -175,7 +230,11 @@ async fn decode(
 }
 
 /// Runs the task's handler; returns its result, and a dead-letter reason when the task's input is unusable.
-pub async fn run(ctx: &TaskContext, request: &TaskRequested) -> (TaskResult, Option<Reason>) {
+pub async fn run(
+    ctx: &TaskContext,
+    request: &TaskRequested,
+    trace: Option<&TraceContext>,
+) -> (TaskResult, Option<Reason>) {
     let started_at = now_millis();
     tracing::debug!(task_id = %request.task_id, "task started");
     let mut poison = None;
@@ -202,6 +261,7 @@ pub async fn run(ctx: &TaskContext, request: &TaskRequested) -> (TaskResult, Opt
                 task_type: request.task_type.clone(),
                 attempt: request.attempt.max(1) as u32,
                 input,
+                trace: trace.cloned(),
             };
             run_handler(handler.clone(), task, ctx.task_timeout).await
         }
@@ -342,6 +402,7 @@ mod tests {
             task_type: "t".into(),
             attempt: 1,
             input: json!({}),
+            trace: None,
         }
     }
 

@@ -83,6 +83,13 @@ impl Handler for Exec {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        // The W3C variables the OpenTelemetry SDKs read for a process's parent context.
+        if let Some(trace) = &task.trace {
+            command.env("TRACEPARENT", trace.traceparent());
+            if let Some(state) = &trace.state {
+                command.env("TRACESTATE", state);
+            }
+        }
         let program = self.program.clone();
         let (timeout, limit) = (self.timeout, self.max_output_bytes);
         Box::pin(async move {

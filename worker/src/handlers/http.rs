@@ -45,12 +45,16 @@ async fn read_capped(
 
 impl Handler for Http {
     fn handle(&self, task: Task) -> HandlerFuture {
-        let request = self
+        let mut request = self
             .client
             .post(&self.url)
             .header("idempotency-key", task.task_id.clone())
             .header("content-type", "application/json")
             .body(task.input.to_string());
+        // The service called continues the workflow's trace below the worker's span.
+        for (name, value) in task.trace.iter().flat_map(|t| t.headers()) {
+            request = request.header(name, value);
+        }
         let url = self.url.clone();
         let limit = self.max_output_bytes;
         Box::pin(async move {

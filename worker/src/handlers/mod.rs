@@ -46,6 +46,8 @@ pub struct Task {
     pub task_type: String,
     pub attempt: u32,
     pub input: Value,
+    /// The worker's `process` span for this task: what a handler calling out passes on (`traceparent`).
+    pub trace: Option<edow_telemetry::trace::TraceContext>,
 }
 
 /// Why a task failed; `retryable` says whether another attempt may succeed.
@@ -236,6 +238,7 @@ pub(crate) mod tests {
             task_type: "t".into(),
             attempt,
             input,
+            trace: None,
         }
     }
 
