@@ -1,19 +1,16 @@
 //! `edow`: the user-facing command line. Registers the contracts, deploys definitions, starts workflows, and
 //! shows their status and lifecycle events, all through Kafka and the schema registry.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use edow_engine::Definition;
 use edow_kafka::murmur2::partition_for;
-use edow_kafka::{now_millis, produce_all, Kafka, Outgoing, TopicSpec};
-use edow_schemas::contracts::{
-    fixed_topic_contracts, DefinitionFormat, LifecycleEvent, SignalKind, WorkflowDefinition,
-    WorkflowSignal, WorkflowState, WorkflowTrigger,
-};
+use edow_kafka::{now_millis, Kafka};
+use edow_orchestrator::client::{Client, StartRequest};
+use edow_schemas::contracts::{fixed_topic_contracts, LifecycleEvent, SignalKind, WorkflowState};
 use edow_schemas::topics::value_subject;
 use edow_schemas::{Codec, Topics};
 use edow_telemetry::trace::TraceContext;
@@ -175,12 +172,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let topics = Topics::new(cli.topic_prefix.clone());
     let mut kafka = Kafka::new(cli.bootstrap_servers.clone());
     kafka.options = cli.kafka_options.clone();
-    let codec = Codec::new(&cli.registry)?;
+    let codec = Arc::new(Codec::new(&cli.registry)?);
+    let client = Client {
+        kafka: kafka.clone(),
+        producer: kafka.producer()?,
+        codec: codec.clone(),
+        topics: topics.clone(),
+        limits: edow_engine::Limits::default(),
+        replication_factor: cli.replication_factor,
+    };
     match cli.command {
         Command::Schemas { action } => schemas(&codec, &cli.registry, &topics, action).await,
         Command::Deploy { files } => {
             for file in files {
-                deploy(&kafka, &codec, &topics, &file, cli.replication_factor).await?;
+                deploy(&client, &file).await?;
             }
             Ok(())
         }
@@ -201,18 +206,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })?,
                 None => TraceContext::new_root(),
             };
-            let id = start(
-                &kafka,
-                &codec,
-                &topics,
-                &name,
-                &input,
-                id,
+            let request = StartRequest {
+                name,
                 version,
+                id,
+                input,
                 correlation_id,
-                &trace,
-            )
-            .await?;
+                trace: Some(trace.clone()),
+                ..StartRequest::default()
+            };
+            let id = start(&client, request).await?;
             println!("{id}");
             eprintln!("trace id {}", trace.trace_id_hex());
             Ok(())
@@ -240,29 +243,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(settings) => bench::run(&kafka, &codec, &topics, settings).await,
         Command::Signal { id, name, payload } => {
-            signal(
-                &kafka,
-                &codec,
-                &topics,
-                &id,
-                SignalKind::Signal,
-                Some(name),
-                &payload,
-            )
-            .await
+            let signal_id = client
+                .signal(&id, SignalKind::Signal, Some(name), &payload, None)
+                .await?;
+            println!("{signal_id}");
+            Ok(())
         }
         Command::Cancel { id, reason } => {
             let payload = serde_json::Value::String(reason).to_string();
-            signal(
-                &kafka,
-                &codec,
-                &topics,
-                &id,
-                SignalKind::Cancel,
-                None,
-                &payload,
-            )
-            .await
+            let signal_id = client
+                .signal(&id, SignalKind::Cancel, None, &payload, None)
+                .await?;
+            println!("{signal_id}");
+            Ok(())
         }
         Command::Status { id } => status(&kafka, &codec, &topics, &id).await,
         Command::Watch { id, timeout } => {
@@ -303,255 +296,37 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await?
 }
 
-async fn deploy(
-    kafka: &Kafka,
-    codec: &Codec,
-    topics: &Topics,
-    file: &PathBuf,
-    replication_factor: i32,
-) -> anyhow::Result<()> {
+async fn deploy(client: &Client, file: &PathBuf) -> anyhow::Result<()> {
     let label = file.display().to_string();
     let source = std::fs::read_to_string(file).with_context(|| format!("reading {label}"))?;
-    let definition = Definition::parse(&label, &source)?;
-    let topic = topics.definitions();
-    kafka
-        .ensure_topics(&[TopicSpec::new(topic.clone(), 1, replication_factor).compacted()])
+    let deployed = client
+        .deploy(&label, &source, std::env::var("USER").ok())
         .await?;
-    let producer = kafka.producer()?;
-    // A racing deploy may take the version this one picked: the first record of a key wins everywhere, so read
-    // back, and take the next version if it was not ours.
-    for _ in 0..10 {
-        let catalog = DeployedCatalog::read(kafka, codec, &topic).await?;
-        catalog.refuse_cycles(&definition)?;
-        if let Some((version, latest)) = catalog.latest(&definition.name) {
-            if latest == source {
-                println!(
-                    "{} version {version} is unchanged ({label})",
-                    definition.name
-                );
-                return Ok(());
-            }
-        }
-        let version = catalog.next_version(&definition.name);
-        let format = if label.ends_with(".json") {
-            DefinitionFormat::Json
-        } else {
-            DefinitionFormat::Yaml
-        };
-        let record = WorkflowDefinition {
-            name: definition.name.clone(),
-            version,
-            format,
-            source: source.clone(),
-            description: definition.description.clone(),
-            deployed_by: std::env::var("USER").ok(),
-            deployed_at: now_millis(),
-        };
-        let payload = codec.encode(&topic, &record).await?;
-        let written = produce_all(
-            &producer,
-            &[Outgoing {
-                topic: topic.clone(),
-                partition: Some(0),
-                // A key of its own per deploy: compaction keeps the last record of a key, so racing deploys under
-                // one key could leave the loser. Readers take the first record of a name and version.
-                key: format!("{}:{version}:{}", definition.name, claim_id()).into_bytes(),
-                payload: Some(payload),
-                headers: Vec::new(),
-            }],
-        )
-        .await?;
-        let ours = written.first().map(|(_, offset)| *offset).unwrap_or(-1);
-        let after = DeployedCatalog::read(kafka, codec, &topic).await?;
-        match after.first_offset(&definition.name, version) {
-            Some(offset) if offset == ours => {
-                println!("deployed {} version {version} ({label})", definition.name);
-                return Ok(());
-            }
-            _ => eprintln!(
-                "{} version {version} was deployed by someone else at the same moment; trying the next version",
-                definition.name
-            ),
-        }
+    if deployed.unchanged {
+        println!(
+            "{} version {} is unchanged ({label})",
+            deployed.name, deployed.version
+        );
+    } else {
+        println!(
+            "deployed {} version {} ({label})",
+            deployed.name, deployed.version
+        );
     }
-    bail!(
-        "could not deploy {}: ten racing deploys took every version this one picked; try again",
-        definition.name
-    )
+    Ok(())
 }
 
-/// A claim id unique to this deploy attempt: time, process and a counter.
-fn claim_id() -> String {
-    static ATTEMPTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let attempt = ATTEMPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{:x}-{:x}-{attempt}", now_millis(), std::process::id())
-}
-
-/// What the definitions topic holds, first record of each key winning, as the orchestrators read it.
-struct DeployedCatalog {
-    /// (name, version) -> (offset of the first record, its source)
-    versions: BTreeMap<(String, i32), (i64, Option<String>)>,
-}
-
-impl DeployedCatalog {
-    async fn read(kafka: &Kafka, codec: &Codec, topic: &str) -> anyhow::Result<DeployedCatalog> {
-        let records = {
-            let (kafka, topic) = (kafka.clone(), topic.to_string());
-            blocking(move || kafka.read_to_end(&topic, 0, Offset::Beginning)).await?
-        };
-        let mut versions = BTreeMap::new();
-        for record in &records {
-            // Versions are taken by key, so a record that no longer decodes still holds its version.
-            // `name:version`, or `name:version:claim` since deploys claim keys of their own.
-            let Some((name, version)) = record
-                .key()
-                .and_then(|k| std::str::from_utf8(k).ok())
-                .map(|k| k.split(':'))
-                .and_then(|mut parts| {
-                    let name = parts.next()?.to_string();
-                    Some((name, parts.next()?.parse::<i32>().ok()?))
-                })
-            else {
-                continue;
-            };
-            if versions.contains_key(&(name.clone(), version)) || record.payload().is_none() {
-                continue;
-            }
-            let source = match codec.decode::<WorkflowDefinition>(record.payload()).await {
-                Ok(deployed) => Some(deployed.source),
-                Err(e) if e.is_transient() => {
-                    bail!("could not read the deployed definitions to pick a version: {e}")
-                }
-                Err(_) => None,
-            };
-            versions.insert((name, version), (record.offset(), source));
-        }
-        Ok(DeployedCatalog { versions })
-    }
-
-    fn latest(&self, name: &str) -> Option<(i32, String)> {
-        self.versions
-            .iter()
-            .rev()
-            .find(|((n, _), _)| n == name)
-            .and_then(|((_, v), (_, source))| Some((*v, source.clone()?)))
-    }
-
-    fn next_version(&self, name: &str) -> i32 {
-        self.versions
-            .keys()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| *v)
-            .max()
-            .map_or(1, |v| v.saturating_add(1))
-    }
-
-    fn first_offset(&self, name: &str, version: i32) -> Option<i64> {
-        self.versions
-            .get(&(name.to_string(), version))
-            .map(|(offset, _)| *offset)
-    }
-
-    /// Refuses `definition` when its children, through the latest deployed versions, lead back to it.
-    fn refuse_cycles(&self, definition: &Definition) -> anyhow::Result<()> {
-        let mut children: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for ((name, _), (_, source)) in &self.versions {
-            if let Some(parsed) = source
-                .as_deref()
-                .and_then(|s| Definition::parse(name, s).ok())
-            {
-                // Later versions come later in the map and replace earlier ones.
-                children.insert(name.clone(), parsed.child_workflows());
-            }
-        }
-        children.insert(definition.name.clone(), definition.child_workflows());
-        let mut path = vec![definition.name.clone()];
-        let mut explored = std::collections::HashSet::new();
-        if let Some(cycle) = find_cycle(&children, &mut path, &mut explored) {
-            bail!(
-                "{} would start a cycle of child workflows without end: {}; break the chain before deploying",
-                definition.name,
-                cycle.join(" -> ")
-            );
-        }
-        Ok(())
-    }
-}
-
-/// A path from `path[0]` back to itself through `children`, if any. Each definition is explored once
-/// (`explored` holds those from which no path leads back), so a wide, layered catalog takes linear time.
-fn find_cycle(
-    children: &BTreeMap<String, Vec<String>>,
-    path: &mut Vec<String>,
-    explored: &mut std::collections::HashSet<String>,
-) -> Option<Vec<String>> {
-    let last = path.last()?.clone();
-    for child in children.get(&last).into_iter().flatten() {
-        if *child == path[0] {
-            let mut cycle = path.clone();
-            cycle.push(child.clone());
-            return Some(cycle);
-        }
-        if path.contains(child) || explored.contains(child) {
-            continue;
-        }
-        path.push(child.clone());
-        if let Some(cycle) = find_cycle(children, path, explored) {
-            return Some(cycle);
-        }
-        path.pop();
-    }
-    explored.insert(last);
-    None
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn start(
-    kafka: &Kafka,
-    codec: &Codec,
-    topics: &Topics,
-    name: &str,
-    input: &str,
-    id: Option<String>,
-    version: Option<i32>,
-    correlation_id: Option<String>,
-    trace: &TraceContext,
-) -> anyhow::Result<String> {
-    serde_json::from_str::<serde_json::Value>(input)
-        .with_context(|| format!("--input is not a JSON document: {input}"))?;
-    let topic = topics.triggers();
+/// Starts a workflow through `client`, once the orchestrator has made its topics.
+async fn start(client: &Client, request: StartRequest) -> anyhow::Result<String> {
+    let topic = client.topics.triggers();
     let partitions = {
-        let (kafka, topic) = (kafka.clone(), topic.clone());
+        let (kafka, topic) = (client.kafka.clone(), topic.clone());
         blocking(move || kafka.partition_count(&topic)).await?
     };
     if partitions == 0 {
         bail!("topic {topic} does not exist; start the orchestrator first (it creates its topics)");
     }
-    let id = id.unwrap_or_else(|| format!("{name}-{:x}-{:x}", now_millis(), std::process::id()));
-    let trigger = WorkflowTrigger {
-        workflow_id: id.clone(),
-        workflow_name: name.to_string(),
-        workflow_version: version,
-        input: input.to_string(),
-        idempotency_key: None,
-        correlation_id,
-        priority: 0,
-        requested_at: now_millis(),
-        attributes: Default::default(),
-    };
-    let payload = codec.encode(&topic, &trigger).await?;
-    produce_all(
-        &kafka.producer()?,
-        &[Outgoing {
-            topic,
-            partition: None,
-            key: id.as_bytes().to_vec(),
-            payload: Some(payload),
-            headers: trace.headers(),
-        }],
-    )
-    .await?;
-    Ok(id)
+    Ok(client.start(request).await?.id)
 }
 
 /// The partition of `topic` holding workflow `id`.
@@ -606,40 +381,6 @@ async fn status(kafka: &Kafka, codec: &Codec, topics: &Topics, id: &str) -> anyh
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn signal(
-    kafka: &Kafka,
-    codec: &Codec,
-    topics: &Topics,
-    id: &str,
-    kind: SignalKind,
-    name: Option<String>,
-    payload: &str,
-) -> anyhow::Result<()> {
-    serde_json::from_str::<serde_json::Value>(payload)
-        .with_context(|| format!("--payload is not a JSON document: {payload}"))?;
-    let topic = topics.signals();
-    let signal = WorkflowSignal {
-        signal_id: format!("{id}/{:x}-{:x}", now_millis(), std::process::id()),
-        workflow_id: id.to_string(),
-        kind,
-        name,
-        payload: payload.to_string(),
-        correlation_id: None,
-        sent_at: now_millis(),
-    };
-    let record = Outgoing {
-        payload: Some(codec.encode(&topic, &signal).await?),
-        topic,
-        partition: None,
-        key: id.as_bytes().to_vec(),
-        headers: Vec::new(),
-    };
-    produce_all(&kafka.producer()?, &[record]).await?;
-    println!("{}", signal.signal_id);
-    Ok(())
-}
-
 async fn watch(
     kafka: &Kafka,
     codec: &Codec,
@@ -672,45 +413,5 @@ async fn watch(
         if event.kind.ends_workflow() {
             return Ok(());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn graph(edges: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
-        edges
-            .iter()
-            .map(|(from, to)| (from.to_string(), to.iter().map(|t| t.to_string()).collect()))
-            .collect()
-    }
-
-    fn cycle_from(children: &BTreeMap<String, Vec<String>>, start: &str) -> Option<Vec<String>> {
-        let mut explored = std::collections::HashSet::new();
-        find_cycle(children, &mut vec![start.to_string()], &mut explored)
-    }
-
-    #[test]
-    fn a_chain_of_children_back_to_the_start_is_a_cycle() {
-        let children = graph(&[("a", &["b"]), ("b", &["c", "d"]), ("d", &["a"])]);
-        assert_eq!(cycle_from(&children, "a").unwrap(), ["a", "b", "d", "a"]);
-        assert_eq!(cycle_from(&children, "c"), None);
-    }
-
-    #[test]
-    fn a_wide_layered_catalog_is_searched_in_linear_time() {
-        // 60 layers of two definitions, each starting both of the next layer: 2^60 paths, 120 nodes.
-        let mut children = BTreeMap::new();
-        for layer in 0..60 {
-            let next = vec![format!("l{}a", layer + 1), format!("l{}b", layer + 1)];
-            children.insert(format!("l{layer}a"), next.clone());
-            children.insert(format!("l{layer}b"), next);
-        }
-        children.insert(
-            "start".to_string(),
-            vec!["l0a".to_string(), "l0b".to_string()],
-        );
-        assert_eq!(cycle_from(&children, "start"), None);
     }
 }

@@ -121,6 +121,13 @@ impl Kafka {
 
     /// A consumer that reads assigned partitions only (no group membership, no commits).
     pub fn reader(&self) -> anyhow::Result<BaseConsumer> {
+        self.reader_config()
+            .create()
+            .context("creating a Kafka reader")
+    }
+
+    /// The settings of [`Kafka::reader`], for a caller that wants another kind of consumer.
+    pub fn reader_config(&self) -> ClientConfig {
         let mut config = self.base();
         config
             .set("group.id", "edow-reader")
@@ -131,8 +138,6 @@ impl Kafka {
             // at once, and 8 MiB keeps it fed as well.
             .set("queued.max.messages.kbytes", "8192");
         self.finish(config)
-            .create()
-            .context("creating a Kafka reader")
     }
 
     /// Creates the topics that are missing and checks the partition count of those that exist.

@@ -1,4 +1,5 @@
-//! The orchestrator's HTTP listener (`--http-addr`): `/metrics`, `/healthz` and `/readyz`. Readiness means this
+//! The orchestrator's HTTP listener (`--http-addr`): the API (`/v1`, see `api`), `/metrics`, `/healthz` and
+//! `/readyz`. Readiness means this
 //! instance has joined its group and restored the partitions of its first assignment; it stays ready through
 //! later rebalances, so that a rolling restart does not take every instance's API out of service at once.
 
@@ -24,8 +25,8 @@ impl Readiness {
 }
 
 /// Every route the listener serves.
-pub fn router(readiness: Readiness) -> Router {
-    edow_telemetry::http::routes().route(
+pub fn router(readiness: Readiness, api: crate::api::Api) -> Router {
+    let probes = edow_telemetry::http::routes().route(
         "/readyz",
         get(move || {
             let ready = readiness.is_ready();
@@ -40,5 +41,6 @@ pub fn router(readiness: Readiness) -> Router {
                 }
             }
         }),
-    )
+    );
+    crate::api::routes(api).merge(probes)
 }

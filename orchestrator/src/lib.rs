@@ -15,7 +15,9 @@
 //! event. The process exits only when Kafka itself fails it (a write not acknowledged within the producer's
 //! timeout), and then a restart restores from the changelog.
 
+pub mod api;
 mod apply;
+pub mod client;
 mod consume;
 mod decode;
 pub mod definitions;
@@ -26,6 +28,7 @@ mod produce;
 mod rebalance;
 mod restore;
 mod traces;
+pub mod visibility;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -103,8 +106,12 @@ pub struct Config {
     pub early_signal_ttl: Duration,
     /// Most workflows per partition with signals waiting for their trigger.
     pub max_early_per_partition: usize,
-    /// Where to serve `/metrics`, `/healthz` and `/readyz`; nothing is served without it.
+    /// Where to serve the API (`/v1`), `/metrics`, `/healthz` and `/readyz`; nothing is served without it.
     pub http_addr: Option<std::net::SocketAddr>,
+    /// The visibility index's file; `None`: one of this process's own in the temporary directory.
+    pub visibility_path: Option<std::path::PathBuf>,
+    /// How long ended workflows stay in the visibility index.
+    pub visibility_retention: Duration,
 }
 
 impl Config {
@@ -128,6 +135,8 @@ impl Config {
             early_signal_ttl: Duration::from_secs(3600),
             max_early_per_partition: 10_000,
             http_addr: None,
+            visibility_path: None,
+            visibility_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -169,6 +178,46 @@ struct Orchestrator {
     registry_stalls: u64,
 }
 
+/// The API's shared parts, with the visibility index opened and its feeder started (until `stop` changes).
+fn serve_api(
+    config: &Config,
+    codec: &Arc<Codec>,
+    producer: &FutureProducer,
+    stop: tokio::sync::watch::Receiver<()>,
+) -> anyhow::Result<api::Api> {
+    let visibility = visibility::Visibility::open(config.visibility_path.as_deref())?;
+    let feeder = visibility::feed(
+        visibility.clone(),
+        config.kafka.clone(),
+        codec.clone(),
+        config.topics.clone(),
+        config.partitions,
+        config.visibility_retention,
+        async move {
+            let mut stop = stop;
+            let _ = stop.changed().await;
+        },
+    );
+    tokio::spawn(async move {
+        if let Err(e) = feeder.await {
+            tracing::error!(
+                "the visibility index stopped: {e:#}; the API's reads are stale until a restart"
+            );
+        }
+    });
+    Ok(api::Api {
+        client: client::Client {
+            kafka: config.kafka.clone(),
+            producer: producer.clone(),
+            codec: codec.clone(),
+            topics: config.topics.clone(),
+            limits: config.limits.clone(),
+            replication_factor: config.replication_factor,
+        },
+        visibility,
+    })
+}
+
 /// Adds a batch to `edow_records_consumed_total`, per topic.
 fn count_consumed(batch: &[OwnedMessage]) {
     let mut per_topic: HashMap<&str, u64> = HashMap::new();
@@ -202,15 +251,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     config.kafka.ensure_topics(&specs).await?;
     edow_telemetry::metrics::init(edow_telemetry::metrics::Exporter::Orchestrator);
-    let readiness = http::Readiness::default();
-    // Dropped when `run` returns, which stops the listener.
-    let (_listener_stop, stop_listener) = tokio::sync::oneshot::channel::<()>();
-    if let Some(addr) = config.http_addr {
-        edow_telemetry::http::serve(addr, http::router(readiness.clone()), "http", async {
-            let _ = stop_listener.await;
-        })
-        .await?;
-    }
 
     let codec = Arc::new(Codec::new(&config.registry_url)?);
     let definitions = Definitions::open(
@@ -221,6 +261,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     )
     .await?;
     let producer = config.kafka.producer_for_batches()?;
+    let readiness = http::Readiness::default();
+    // Dropped when `run` returns, which stops the listener and the index's feeder.
+    let (_listener_stop, stop_listener) = tokio::sync::watch::channel(());
+    if let Some(addr) = config.http_addr {
+        let api = serve_api(&config, &codec, &producer, stop_listener.clone())?;
+        let mut stop = stop_listener.clone();
+        edow_telemetry::http::serve(
+            addr,
+            http::router(readiness.clone(), api),
+            "http",
+            async move {
+                let _ = stop.changed().await;
+            },
+        )
+        .await?;
+    }
     let consumer: InputConsumer = config
         .kafka
         .group_consumer_config_reporting_lag(&config.group)

@@ -41,9 +41,16 @@ struct Args {
     /// Largest record produced, in bytes; keep it below the broker's message.max.bytes.
     #[arg(long, env = "EDOW_MAX_RECORD_BYTES", default_value_t = 900 * 1024)]
     max_record_bytes: usize,
-    /// Where to serve /metrics, /healthz and /readyz (e.g. 0.0.0.0:8080); nothing is served without it.
+    /// Where to serve the API (/v1), /metrics, /healthz and /readyz (e.g. 0.0.0.0:8080); nothing is served without it.
     #[arg(long, env = "EDOW_HTTP_ADDR")]
     http_addr: Option<std::net::SocketAddr>,
+    /// The API's visibility index (SQLite file); kept, a restart resumes it. Default: a file of this process's
+    /// own in the temporary directory, rebuilt from the topics at every start.
+    #[arg(long, env = "EDOW_VISIBILITY_PATH")]
+    visibility_path: Option<std::path::PathBuf>,
+    /// How long ended workflows stay in the visibility index (e.g. 7d).
+    #[arg(long, env = "EDOW_VISIBILITY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    visibility_retention: Duration,
 }
 
 #[tokio::main]
@@ -71,5 +78,7 @@ async fn main() -> anyhow::Result<()> {
     config.max_ended_per_partition = args.max_ended_per_partition;
     config.max_record_bytes = args.max_record_bytes;
     config.http_addr = args.http_addr;
+    config.visibility_path = args.visibility_path;
+    config.visibility_retention = args.visibility_retention;
     edow_orchestrator::run(config, edow_kafka::process::shutdown_signal()).await
 }

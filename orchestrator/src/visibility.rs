@@ -1,0 +1,517 @@
+//! The visibility index: every workflow of every partition, with its lifecycle events, so that any orchestrator
+//! instance answers reads about any workflow, whoever owns it. Fed by its own reader of `edow.state` (the latest
+//! state of each workflow; tombstones remove it) and `edow.events`, all partitions, into an embedded SQLite
+//! database; the read positions are stored in the same transaction as what they brought, so a restart with a kept
+//! file resumes where it stopped. Eventually consistent: a workflow started a moment ago may not be in it yet.
+//!
+//! Bounded: ended workflows and their events leave it after `retention`; a running workflow's events beyond
+//! [`MAX_EVENTS_PER_WORKFLOW`] are not kept (the state still is). Why SQLite: indexed filters and pages over
+//! millions of rows on disk, not in the heap, with one file to keep or throw away (docs/architecture.md).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use edow_kafka::{now_millis, Kafka};
+use edow_schemas::contracts::{LifecycleEvent, WorkflowState};
+use edow_schemas::{Codec, Topics};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use crate::RESERVED_ID_PREFIX;
+
+/// Most lifecycle events kept per workflow.
+pub const MAX_EVENTS_PER_WORKFLOW: i64 = 10_000;
+/// Most records applied per transaction.
+const BATCH: usize = 2_000;
+/// How often ended workflows past the retention are removed.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// A workflow as the index holds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkflowRow {
+    pub id: String,
+    pub name: String,
+    pub version: i32,
+    pub status: String,
+    pub input: serde_json::Value,
+    pub output: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub correlation_id: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// Steps running now, with what each is doing.
+    pub running_steps: Vec<RunningStep>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RunningStep {
+    pub step: String,
+    pub doing: String,
+}
+
+/// One lifecycle event of a workflow.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub event_id: String,
+    pub kind: String,
+    pub step: Option<String>,
+    pub attempt: Option<i32>,
+    pub detail: Option<serde_json::Value>,
+    pub at: i64,
+}
+
+/// What a list of workflows is filtered by; every field optional.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub name: Option<String>,
+    pub status: Option<String>,
+    pub correlation_id: Option<String>,
+    /// Created at or after, epoch ms.
+    pub from: Option<i64>,
+    /// Created before, epoch ms.
+    pub to: Option<i64>,
+    /// After this position (`created_at` and id of the last row of the previous page), newest first.
+    pub after: Option<(i64, String)>,
+    pub limit: usize,
+}
+
+/// The statuses a workflow can have, as the index spells them.
+pub const STATUSES: [&str; 8] = [
+    "Running",
+    "Completed",
+    "Failed",
+    "Cancelled",
+    "Compensating",
+    "Compensated",
+    "CompensationFailed",
+    "Filtered",
+];
+
+/// The index, shared by the API's handlers (reads) and its feeder (writes).
+#[derive(Clone)]
+pub struct Visibility {
+    db: Arc<Mutex<rusqlite::Connection>>,
+    /// Removed when the index is dropped, for a file made for this process only.
+    _temporary: Option<Arc<TemporaryFile>>,
+}
+
+struct TemporaryFile(PathBuf);
+
+impl Drop for TemporaryFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+impl Visibility {
+    /// Opens (or creates) the index at `path`; `None`: a file of this process's own in the temporary directory,
+    /// removed when it stops.
+    pub fn open(path: Option<&Path>) -> anyhow::Result<Visibility> {
+        let (path, temporary) = match path {
+            Some(path) => (path.to_path_buf(), None),
+            None => {
+                let path = std::env::temp_dir().join(format!(
+                    "edow-visibility-{}-{}.sqlite",
+                    std::process::id(),
+                    now_millis()
+                ));
+                (path.clone(), Some(Arc::new(TemporaryFile(path))))
+            }
+        };
+        let db = rusqlite::Connection::open(&path)
+            .with_context(|| format!("opening the visibility index {}", path.display()))?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS workflows (
+                 id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
+                 input TEXT NOT NULL, output TEXT, error TEXT, correlation_id TEXT,
+                 created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, running TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS workflows_by_created ON workflows (created_at DESC, id DESC);
+             CREATE INDEX IF NOT EXISTS workflows_by_name ON workflows (name, created_at DESC);
+             CREATE INDEX IF NOT EXISTS workflows_by_correlation ON workflows (correlation_id);
+             CREATE INDEX IF NOT EXISTS workflows_by_status ON workflows (status, updated_at);
+             CREATE TABLE IF NOT EXISTS events (
+                 event_id TEXT PRIMARY KEY, workflow_id TEXT NOT NULL, kind TEXT NOT NULL, step TEXT,
+                 attempt INTEGER, detail TEXT, at INTEGER NOT NULL, seq INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS events_by_workflow ON events (workflow_id, seq);
+             CREATE TABLE IF NOT EXISTS positions (
+                 topic TEXT NOT NULL, partition INTEGER NOT NULL, next INTEGER NOT NULL,
+                 PRIMARY KEY (topic, partition));",
+        )
+        .context("creating the visibility index's tables")?;
+        Ok(Visibility {
+            db: Arc::new(Mutex::new(db)),
+            _temporary: temporary,
+        })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where to read `topic`'s `partition` from next.
+    fn position(&self, topic: &str, partition: i32) -> anyhow::Result<Option<i64>> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT next FROM positions WHERE topic = ?1 AND partition = ?2",
+                params![topic, partition],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Applies one batch of decoded records and the positions after them, in one transaction.
+    fn apply(&self, changes: &[Change], positions: &[(String, i32, i64)]) -> anyhow::Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        for change in changes {
+            match change {
+                Change::State(row) => {
+                    tx.execute(
+                        "INSERT INTO workflows (id, name, version, status, input, output, error,
+                             correlation_id, created_at, updated_at, running)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                         ON CONFLICT (id) DO UPDATE SET name = ?2, version = ?3, status = ?4, input = ?5,
+                             output = ?6, error = ?7, correlation_id = ?8, created_at = ?9, updated_at = ?10,
+                             running = ?11
+                         WHERE excluded.updated_at >= workflows.updated_at",
+                        params![
+                            row.id,
+                            row.name,
+                            row.version,
+                            row.status,
+                            row.input.to_string(),
+                            row.output.as_ref().map(|o| o.to_string()),
+                            row.error,
+                            row.correlation_id,
+                            row.created_at,
+                            row.updated_at,
+                            serde_json::to_string(&row.running_steps)?,
+                        ],
+                    )?;
+                }
+                Change::Removed(id) => {
+                    tx.execute("DELETE FROM workflows WHERE id = ?1", params![id])?;
+                    tx.execute("DELETE FROM events WHERE workflow_id = ?1", params![id])?;
+                }
+                Change::Event(workflow_id, event, seq) => {
+                    let kept: i64 = tx.query_row(
+                        "SELECT count(*) FROM events WHERE workflow_id = ?1",
+                        params![workflow_id],
+                        |row| row.get(0),
+                    )?;
+                    if kept >= MAX_EVENTS_PER_WORKFLOW {
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT OR IGNORE INTO events (event_id, workflow_id, kind, step, attempt, detail, at, seq)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        params![
+                            event.event_id,
+                            workflow_id,
+                            format!("{:?}", event.kind),
+                            event.step,
+                            event.attempt,
+                            event.detail,
+                            event.at,
+                            seq,
+                        ],
+                    )?;
+                }
+            }
+        }
+        for (topic, partition, next) in positions {
+            tx.execute(
+                "INSERT INTO positions (topic, partition, next) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (topic, partition) DO UPDATE SET next = ?3",
+                params![topic, partition, next],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes ended workflows (and their events) last changed before `cutoff`, epoch ms.
+    pub fn purge(&self, cutoff: i64) -> anyhow::Result<usize> {
+        let db = self.db();
+        let removed = db.execute(
+            "DELETE FROM workflows WHERE status NOT IN ('Running', 'Compensating') AND updated_at < ?1",
+            params![cutoff],
+        )?;
+        db.execute(
+            "DELETE FROM events WHERE at < ?1 AND workflow_id NOT IN (SELECT id FROM workflows)",
+            params![cutoff],
+        )?;
+        Ok(removed)
+    }
+
+    /// The workflow `id`, with its events (oldest first), if the index has it.
+    pub fn get(&self, id: &str) -> anyhow::Result<Option<(WorkflowRow, Vec<EventRow>)>> {
+        let db = self.db();
+        let row = db
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM workflows WHERE id = ?1"),
+                params![id],
+                workflow_row,
+            )
+            .optional()?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut statement = db.prepare(
+            "SELECT event_id, kind, step, attempt, detail, at FROM events WHERE workflow_id = ?1 ORDER BY seq",
+        )?;
+        let events = statement
+            .query_map(params![id], |row| {
+                let detail: Option<String> = row.get(4)?;
+                Ok(EventRow {
+                    event_id: row.get(0)?,
+                    kind: row.get(1)?,
+                    step: row.get(2)?,
+                    attempt: row.get(3)?,
+                    detail: detail
+                        .map(|d| serde_json::from_str(&d).unwrap_or(serde_json::Value::String(d))),
+                    at: row.get(5)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some((row, events)))
+    }
+
+    /// Workflows matching `filter`, newest first, at most `filter.limit`.
+    pub fn list(&self, filter: &Filter) -> anyhow::Result<Vec<WorkflowRow>> {
+        let mut clauses = Vec::new();
+        let mut values: Vec<rusqlite::types::Value> = Vec::new();
+        let mut add = |clause: &str, value: rusqlite::types::Value| {
+            values.push(value);
+            clauses.push(clause.replace('?', &format!("?{}", values.len())));
+        };
+        if let Some(name) = &filter.name {
+            add("name = ?", name.clone().into());
+        }
+        if let Some(status) = &filter.status {
+            add("status = ?", status.clone().into());
+        }
+        if let Some(correlation_id) = &filter.correlation_id {
+            add("correlation_id = ?", correlation_id.clone().into());
+        }
+        if let Some(from) = filter.from {
+            add("created_at >= ?", from.into());
+        }
+        if let Some(to) = filter.to {
+            add("created_at < ?", to.into());
+        }
+        if let Some((created_at, id)) = &filter.after {
+            values.push((*created_at).into());
+            values.push(id.clone().into());
+            let (c, i) = (values.len() - 1, values.len());
+            clauses.push(format!(
+                "(created_at < ?{c} OR (created_at = ?{c} AND id < ?{i}))"
+            ));
+        }
+        let condition = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM workflows {condition} ORDER BY created_at DESC, id DESC LIMIT {}",
+            filter.limit
+        );
+        let db = self.db();
+        let mut statement = db.prepare(&sql)?;
+        let rows = statement
+            .query_map(rusqlite::params_from_iter(values), workflow_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// How many workflows the index holds.
+    pub fn len(&self) -> anyhow::Result<i64> {
+        Ok(self
+            .db()
+            .query_row("SELECT count(*) FROM workflows", [], |row| row.get(0))?)
+    }
+
+    pub fn is_empty(&self) -> anyhow::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+const COLUMNS: &str =
+    "id, name, version, status, input, output, error, correlation_id, created_at, updated_at, running";
+
+fn workflow_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<WorkflowRow> {
+    let json =
+        |text: String| serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    let input: String = row.get(4)?;
+    let output: Option<String> = row.get(5)?;
+    let running: String = row.get(10)?;
+    Ok(WorkflowRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        version: row.get(2)?,
+        status: row.get(3)?,
+        input: json(input),
+        output: output.map(json),
+        error: row.get(6)?,
+        correlation_id: row.get(7)?,
+        created_at: row.get(8)?,
+        updated_at: row.get(9)?,
+        running_steps: serde_json::from_str(&running).unwrap_or_default(),
+    })
+}
+
+/// One decoded record for the index.
+enum Change {
+    State(WorkflowRow),
+    Removed(String),
+    /// (workflow id, event, order among the workflow's events)
+    Event(String, LifecycleEvent, i64),
+}
+
+/// Keeps `index` fed from the state and events topics until `stop` resolves. A record that does not decode is
+/// skipped (the orchestrator dead-letters bad inputs; these topics hold only what it wrote).
+pub async fn feed(
+    index: Visibility,
+    kafka: Kafka,
+    codec: Arc<Codec>,
+    topics: Topics,
+    partitions: i32,
+    retention: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let consumer: StreamConsumer = kafka
+        .reader_config()
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("creating the visibility index's reader")?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in [topics.state(), topics.events()] {
+        for partition in 0..partitions {
+            let offset = match index.position(&topic, partition)? {
+                Some(next) => Offset::Offset(next),
+                None => Offset::Beginning,
+            };
+            assignment.add_partition_offset(&topic, partition, offset)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    let (state_topic, events_topic) = (topics.state(), topics.events());
+    let mut last_purge = std::time::Instant::now();
+    tokio::pin!(stop);
+    loop {
+        let first = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            polled = tokio::time::timeout(Duration::from_millis(200), consumer.recv()) => polled,
+        };
+        let mut messages = Vec::new();
+        match first {
+            Ok(Ok(msg)) => messages.push(msg),
+            Ok(Err(e)) => {
+                tracing::warn!("reading for the visibility index: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(_) => {}
+        }
+        while !messages.is_empty() && messages.len() < BATCH {
+            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                Ok(Ok(msg)) => messages.push(msg),
+                _ => break,
+            }
+        }
+        let mut changes = Vec::with_capacity(messages.len());
+        let mut positions: std::collections::HashMap<(String, i32), i64> = Default::default();
+        for msg in &messages {
+            positions.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
+            let Some(key) = msg
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .filter(|k| !k.starts_with(RESERVED_ID_PREFIX))
+            else {
+                continue;
+            };
+            let offset = msg.offset();
+            match (msg.topic() == state_topic, msg.payload()) {
+                (true, None) => changes.push(Change::Removed(key)),
+                (true, Some(payload)) => match codec.decode::<WorkflowState>(Some(payload)).await {
+                    Ok(state) if state.workflow_name.starts_with(RESERVED_ID_PREFIX) => {}
+                    Ok(state) => changes.push(Change::State(row_of(state))),
+                    Err(e) => tracing::debug!(offset, "skipping a state record: {e}"),
+                },
+                (false, Some(payload)) if msg.topic() == events_topic => {
+                    match codec.decode::<LifecycleEvent>(Some(payload)).await {
+                        Ok(event) => changes.push(Change::Event(key, event, offset)),
+                        Err(e) => tracing::debug!(offset, "skipping an event record: {e}"),
+                    }
+                }
+                _ => {}
+            }
+        }
+        drop(messages);
+        if !positions.is_empty() {
+            let positions: Vec<(String, i32, i64)> =
+                positions.into_iter().map(|((t, p), n)| (t, p, n)).collect();
+            let index = index.clone();
+            tokio::task::spawn_blocking(move || index.apply(&changes, &positions)).await??;
+        }
+        if last_purge.elapsed() > PURGE_EVERY {
+            last_purge = std::time::Instant::now();
+            let cutoff = now_millis() - retention.as_millis() as i64;
+            let index = index.clone();
+            match tokio::task::spawn_blocking(move || index.purge(cutoff)).await? {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "ended workflows left the visibility index"),
+                Err(e) => tracing::warn!("purging the visibility index: {e:#}"),
+            }
+        }
+    }
+}
+
+/// The index's row of a state record.
+fn row_of(state: WorkflowState) -> WorkflowRow {
+    let json =
+        |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::String(text.into()));
+    let running_steps = if matches!(
+        state.status,
+        edow_schemas::contracts::WorkflowStatus::Running
+            | edow_schemas::contracts::WorkflowStatus::Compensating
+    ) {
+        serde_json::from_str::<serde_json::Value>(&state.engine_state)
+            .ok()
+            .and_then(|engine| {
+                serde_json::from_value::<edow_engine::Instance>(engine["instance"].clone()).ok()
+            })
+            .map(|instance| {
+                instance
+                    .running_steps()
+                    .into_iter()
+                    .map(|(step, doing)| RunningStep { step, doing })
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    WorkflowRow {
+        id: state.workflow_id,
+        name: state.workflow_name,
+        version: state.workflow_version,
+        status: format!("{:?}", state.status),
+        input: json(&state.input),
+        output: state.output.as_deref().map(json),
+        error: state.error,
+        correlation_id: state.correlation_id,
+        created_at: state.created_at,
+        updated_at: state.updated_at,
+        running_steps,
+    }
+}
