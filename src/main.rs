@@ -18,6 +18,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 mod bench;
+mod dlq;
 mod load;
 
 #[derive(Parser, Debug)]
@@ -142,6 +143,9 @@ enum Command {
     /// Measure edow against the raw Kafka ceiling on this cluster: closed loops at each in-flight level, with
     /// throughput, client-side latency percentiles and CPU per process (see scripts/bench, which starts a stack).
     Bench(bench::Bench),
+    /// Dead letters: list, show, replay.
+    #[command(subcommand)]
+    Dlq(dlq::Dlq),
     /// Print an instance's lifecycle events as they happen, until it ends.
     Watch {
         id: String,
@@ -257,6 +261,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{signal_id}");
             Ok(())
         }
+        Command::Dlq(command) => dlq::run(&client, command).await,
         Command::Status { id } => status(&kafka, &codec, &topics, &id).await,
         Command::Watch { id, timeout } => {
             watch(&kafka, &codec, &topics, &id, Duration::from_secs(timeout)).await

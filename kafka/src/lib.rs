@@ -207,6 +207,20 @@ impl Kafka {
         Ok(())
     }
 
+    /// The name of every topic of the cluster. Blocking: call it from a blocking context.
+    pub fn topic_names(&self) -> anyhow::Result<Vec<String>> {
+        let metadata = self
+            .reader()?
+            .fetch_metadata(None, Duration::from_secs(10))
+            .context("reading the cluster's topics")?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.name().to_string())
+            .collect())
+    }
+
     /// Number of partitions of `topic` (0 when it does not exist).
     pub fn partition_count(&self, topic: &str) -> anyhow::Result<usize> {
         let reader = self.reader()?;

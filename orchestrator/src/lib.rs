@@ -21,6 +21,7 @@ pub mod client;
 mod consume;
 mod decode;
 pub mod definitions;
+pub mod dlq;
 pub mod http;
 mod observe;
 pub mod partition;

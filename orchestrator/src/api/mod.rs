@@ -3,6 +3,7 @@
 //! index ([`crate::visibility`]). A request that is wrong gets a 4xx whose JSON body names the field; what the
 //! cluster cannot do right now is a 503; nothing a client sends makes a 500.
 
+mod dead_letters;
 mod definitions;
 mod workflows;
 
@@ -39,6 +40,12 @@ pub fn routes(api: Api) -> Router {
             post(definitions::deploy).get(definitions::list),
         )
         .route("/v1/definitions/{name}", get(definitions::get))
+        .route("/v1/dead-letters", get(dead_letters::list))
+        .route("/v1/dead-letters/replay", post(dead_letters::replay))
+        .route(
+            "/v1/dead-letters/{topic}/{partition}/{offset}",
+            get(dead_letters::show),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

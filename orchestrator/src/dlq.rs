@@ -1,0 +1,370 @@
+//! Dead letters, read and replayed, as `edow dlq` and `/v1/dead-letters` do: list them by origin topic and
+//! reason, show one with its original record (decoded when its topic's contract is known) and triage facts, and
+//! replay one, a filtered set or all of a topic's to the origin topic byte for byte (key, value and headers as
+//! they were), with an `edow.replay` header naming the replay. A replayed record the orchestrator or a worker has
+//! already taken is dropped by their deduplication (a trigger whose id exists starts nothing; a result whose task
+//! was answered changes nothing), so replaying twice is harmless.
+
+use std::collections::BTreeMap;
+
+use edow_kafka::now_millis;
+use edow_schemas::contracts::{
+    DeadLetter, TaskRequested, TaskResult, WorkflowSignal, WorkflowTrigger,
+};
+use edow_schemas::Topics;
+use rdkafka::{Message, Offset};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::client::{new_id, Client, ClientError};
+
+/// The header a replayed record carries: which replay, and which dead letter it came from.
+pub const REPLAY_HEADER: &str = "edow.replay";
+/// Records read per chunk while scanning a dead-letter topic.
+const SCAN_CHUNK: usize = 500;
+/// Most dead letters one list answers or one replay sends.
+pub const MAX_SELECTED: usize = 10_000;
+
+/// Where a dead letter is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A dead letter's triage facts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The dead-letter topic and where in it.
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub origin_topic: String,
+    pub origin_partition: i32,
+    pub origin_offset: i64,
+    pub key: Option<String>,
+    pub reason: String,
+    pub error: String,
+    pub attempts: i32,
+    pub first_failed_at: i64,
+    pub dead_lettered_at: i64,
+    pub service: String,
+    /// Whether the original value is kept (a too large one is not, and cannot be replayed).
+    pub replayable: bool,
+}
+
+/// Which dead letters of one origin topic.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub reason: Option<String>,
+    /// Only these positions in the dead-letter topic; `None`: all (that match `reason`).
+    pub positions: Option<Vec<Position>>,
+    pub limit: usize,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replayed {
+    pub replay_id: String,
+    pub replayed: Vec<Position>,
+    /// Dead letters selected but not replayed, and why.
+    pub skipped: Vec<(Position, String)>,
+}
+
+impl Client {
+    /// The dead-letter topics that exist, by origin topic.
+    pub async fn dead_letter_topics(&self) -> Result<Vec<String>, ClientError> {
+        let kafka = self.kafka.clone();
+        let prefix = self.topics.prefix().to_string();
+        let names = tokio::task::spawn_blocking(move || kafka.topic_names())
+            .await
+            .map_err(anyhow::Error::from)??;
+        Ok(names
+            .into_iter()
+            .filter(|t| t.starts_with(&prefix))
+            .filter_map(|t| t.strip_suffix(".dlq").map(str::to_string))
+            .collect())
+    }
+
+    /// Dead letters of `origin` (a topic such as `edow.triggers`) matching `selection`, oldest first.
+    pub async fn dead_letters(
+        &self,
+        origin: &str,
+        selection: &Selection,
+    ) -> Result<Vec<(Summary, DeadLetter)>, ClientError> {
+        let topic = self.dead_letter_topic(origin).await?;
+        let partitions = {
+            let (kafka, topic) = (self.kafka.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || kafka.partition_count(&topic))
+                .await
+                .map_err(anyhow::Error::from)??
+        };
+        let wanted: Option<BTreeMap<i32, Vec<i64>>> = selection.positions.as_ref().map(|ps| {
+            let mut by_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+            for p in ps {
+                by_partition.entry(p.partition).or_default().push(p.offset);
+            }
+            by_partition
+        });
+        let limit = selection.limit.clamp(1, MAX_SELECTED);
+        let mut found = Vec::new();
+        for partition in 0..partitions as i32 {
+            let from = match &wanted {
+                Some(w) => match w.get(&partition).and_then(|o| o.iter().min()) {
+                    Some(first) => Offset::Offset(*first),
+                    None => continue,
+                },
+                None => Offset::Beginning,
+            };
+            let mut chunks = self
+                .kafka
+                .stream_to_end(&topic, partition, from, SCAN_CHUNK);
+            'read: while let Some(chunk) = chunks.recv().await {
+                for record in chunk? {
+                    if let Some(w) = &wanted {
+                        if !w
+                            .get(&partition)
+                            .is_some_and(|o| o.contains(&record.offset()))
+                        {
+                            continue;
+                        }
+                    }
+                    let Ok(letter) = self.codec.decode::<DeadLetter>(record.payload()).await else {
+                        continue;
+                    };
+                    if selection
+                        .reason
+                        .as_ref()
+                        .is_some_and(|r| *r != letter.error_kind)
+                    {
+                        continue;
+                    }
+                    let summary = summary(&topic, partition, record.offset(), &letter);
+                    found.push((summary, letter));
+                    if found.len() >= limit {
+                        break 'read;
+                    }
+                }
+            }
+            if found.len() >= limit {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// One dead letter with its original record, decoded when its topic's contract is known.
+    pub async fn dead_letter(
+        &self,
+        origin: &str,
+        at: Position,
+    ) -> Result<Option<Value>, ClientError> {
+        let selection = Selection {
+            positions: Some(vec![at]),
+            limit: 1,
+            ..Selection::default()
+        };
+        let Some((summary, letter)) = self
+            .dead_letters(origin, &selection)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        let mut shown = serde_json::to_value(&summary).map_err(anyhow::Error::from)?;
+        shown["original"] = self.decoded(&letter).await;
+        shown["headers"] = letter
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Value::String(String::from_utf8_lossy(&v.0).into_owned()),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        Ok(Some(shown))
+    }
+
+    /// Produces the selected dead letters of `origin` to `origin` again, byte for byte.
+    pub async fn replay(
+        &self,
+        origin: &str,
+        selection: &Selection,
+    ) -> Result<Replayed, ClientError> {
+        let letters = self.dead_letters(origin, selection).await?;
+        let replay_id = new_id("replay");
+        let mut records = Vec::new();
+        let mut replayed = Vec::new();
+        let mut skipped = Vec::new();
+        for (summary, letter) in letters {
+            let at = Position {
+                partition: summary.partition,
+                offset: summary.offset,
+            };
+            if letter.origin_topic != origin {
+                skipped.push((
+                    at,
+                    format!("it came from {}, not {origin}", letter.origin_topic),
+                ));
+                continue;
+            }
+            let Some(value) = letter.value else {
+                skipped.push((
+                    at,
+                    format!(
+                        "the original was too large to keep; it is at {}/{}@{} until that topic's retention",
+                        letter.origin_topic, letter.origin_partition, letter.origin_offset
+                    ),
+                ));
+                continue;
+            };
+            let mut headers =
+                rdkafka::message::OwnedHeaders::new_with_capacity(letter.headers.len() + 1);
+            let mut named: Vec<(String, Vec<u8>)> = letter
+                .headers
+                .into_iter()
+                .filter(|(k, _)| k != REPLAY_HEADER)
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            named.sort();
+            for (key, value) in &named {
+                headers = headers.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            let replay = format!(
+                "{replay_id} of {}/{}@{} at {}",
+                summary.topic,
+                summary.partition,
+                summary.offset,
+                now_millis()
+            );
+            headers = headers.insert(rdkafka::message::Header {
+                key: REPLAY_HEADER,
+                value: Some(&replay),
+            });
+            records.push((letter.key, value, headers));
+            replayed.push(at);
+        }
+        // Sent in order and all acknowledged before the answer: a replay reported done is on the broker.
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (key, value, headers) in &records {
+            let mut record = rdkafka::producer::FutureRecord::to(origin)
+                .payload(value)
+                .headers(headers.clone());
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            deliveries.push(
+                self.producer
+                    .send(record, std::time::Duration::from_secs(30)),
+            );
+        }
+        for delivery in deliveries {
+            delivery
+                .await
+                .map_err(|(e, _)| anyhow::anyhow!("replaying to {origin}: {e}"))?;
+            edow_kafka::count_produced_one(origin);
+        }
+        tracing::info!(
+            replay = %replay_id,
+            origin,
+            replayed = replayed.len(),
+            skipped = skipped.len(),
+            "replayed dead letters"
+        );
+        Ok(Replayed {
+            replay_id,
+            replayed,
+            skipped,
+        })
+    }
+
+    /// `origin`'s dead-letter topic, or why it is not one.
+    async fn dead_letter_topic(&self, origin: &str) -> Result<String, ClientError> {
+        if origin.trim().is_empty() {
+            return Err(ClientError::invalid(
+                "topic",
+                "name the topic the dead letters came from, e.g. edow.triggers",
+            ));
+        }
+        let known = self.dead_letter_topics().await?;
+        if !known.iter().any(|t| t == origin) {
+            return Err(ClientError::invalid(
+                "topic",
+                format!(
+                    "{origin} has no dead-letter topic; topics with dead letters: {}",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        Ok(Topics::dead_letters(origin))
+    }
+
+    /// The original record of `letter` as JSON, when its origin's contract is known and it decodes.
+    async fn decoded(&self, letter: &DeadLetter) -> Value {
+        let Some(value) = letter.value.as_deref() else {
+            return json!({"kept": false});
+        };
+        let topics = &self.topics;
+        let origin = letter.origin_topic.as_str();
+        let codec = &self.codec;
+        let decoded = if origin == topics.triggers() {
+            codec
+                .decode::<WorkflowTrigger>(Some(value))
+                .await
+                .map(|v| json!(v))
+        } else if origin == topics.signals() {
+            codec
+                .decode::<WorkflowSignal>(Some(value))
+                .await
+                .map(|v| json!(v))
+        } else if origin == topics.results() {
+            codec
+                .decode::<TaskResult>(Some(value))
+                .await
+                .map(|v| json!(v))
+        } else if origin.starts_with(&format!("{}tasks.", topics.prefix())) {
+            codec
+                .decode::<TaskRequested>(Some(value))
+                .await
+                .map(|v| json!(v))
+        } else {
+            return json!({"kept": true, "bytes": value.len()});
+        };
+        match decoded {
+            Ok(record) => json!({"kept": true, "bytes": value.len(), "record": record}),
+            Err(e) => json!({"kept": true, "bytes": value.len(), "decode_error": e.to_string()}),
+        }
+    }
+}
+
+fn summary(topic: &str, partition: i32, offset: i64, letter: &DeadLetter) -> Summary {
+    Summary {
+        topic: topic.to_string(),
+        partition,
+        offset,
+        origin_topic: letter.origin_topic.clone(),
+        origin_partition: letter.origin_partition,
+        origin_offset: letter.origin_offset,
+        key: letter
+            .key
+            .as_ref()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        reason: letter.error_kind.clone(),
+        error: letter.error.clone(),
+        attempts: letter.attempts,
+        first_failed_at: letter.first_failed_at,
+        dead_lettered_at: letter.dead_lettered_at,
+        service: letter.service.clone(),
+        replayable: letter.value.is_some(),
+    }
+}
