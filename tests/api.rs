@@ -25,6 +25,13 @@ steps:
   - { name: only, task: api.echo }
 "#;
 
+const HOOKED: &str = r#"
+name: api-hooked
+hook: { id: body.order_id }
+steps:
+  - { name: only, task: api.echo }
+"#;
+
 struct Api {
     base: String,
     client: reqwest::Client,
@@ -280,6 +287,40 @@ async fn the_api_drives_and_reads_workflows_from_any_instance() {
     let (status, refused) = api.get("/v1/nothing").await;
     assert_eq!((status, field(&refused)), (404, "path"));
 
+    // Webhooks: the id comes from the body, so the same delivery twice starts one workflow.
+    assert_eq!(api.post_text("/v1/definitions", HOOKED).await.0, 201);
+    let delivery = json!({"order_id": "A-17", "total": 12});
+    let (status, hooked) = other.post("/v1/hooks/api-hooked", delivery.clone()).await;
+    assert_eq!(status, 202, "{hooked}");
+    assert_eq!(hooked["id"], "api-hooked:A-17");
+    assert_eq!(
+        api.post("/v1/hooks/api-hooked", delivery).await.1["id"],
+        "api-hooked:A-17"
+    );
+    let done = api
+        .until("/v1/workflows/api-hooked%3AA-17", |_, b| {
+            b["status"] == "Completed"
+        })
+        .await;
+    assert_eq!(done["input"], json!({"order_id": "A-17", "total": 12}));
+    let starts = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "WorkflowStarted")
+        .count();
+    assert_eq!(starts, 1);
+    let (status, refused) = api.post("/v1/hooks/api-hooked", json!({"total": 1})).await;
+    assert_eq!(
+        (status, field(&refused)),
+        (400, "body"),
+        "no order_id: {refused}"
+    );
+    let (status, refused) = api.post("/v1/hooks/not-deployed", json!({})).await;
+    assert_eq!((status, field(&refused)), (404, "workflow"));
+    let (status, refused) = api.post_text("/v1/hooks/api-hooked", "{not json").await;
+    assert_eq!((status, field(&refused)), (400, "body"));
+
     // The OpenAPI document describes every route used here.
     let (status, openapi) = api.get("/v1/openapi.json").await;
     assert_eq!(status, 200);
@@ -290,6 +331,7 @@ async fn the_api_drives_and_reads_workflows_from_any_instance() {
         "/v1/workflows/{id}/cancel",
         "/v1/definitions",
         "/v1/definitions/{name}",
+        "/v1/hooks/{workflow}",
     ] {
         assert!(openapi["paths"][path].is_object(), "{path} undocumented");
     }

@@ -32,7 +32,17 @@ pub struct Definition {
     pub max_payload_bytes: usize,
     /// Deepest chain of child workflows an instance of this definition may be part of.
     pub max_child_depth: u32,
+    /// How a webhook's body names the instance it starts.
+    pub hook: Option<Hook>,
     by_name: BTreeMap<String, Step>,
+}
+
+/// A webhook's settings (`hook:`): `id` is an expression over `{body, headers}` whose value (a string or a
+/// number) is the instance's id, so that a webhook its sender delivers again starts nothing new.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    pub id: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -253,6 +263,8 @@ struct RawDefinition {
     deadline: Option<String>,
     #[serde(default)]
     output: Option<String>,
+    #[serde(default)]
+    hook: Option<Hook>,
     steps: Vec<RawStep>,
 }
 
@@ -871,6 +883,20 @@ impl Definition {
             ),
             None => None,
         };
+        if let Some(hook) = &raw.hook {
+            let references = expr::check(&hook.id).map_err(|e| {
+                fail(
+                    "hook.id".into(),
+                    format!("invalid expression `{}`: {e}", hook.id),
+                )
+            })?;
+            if let Some(step) = references.first() {
+                return Err(fail(
+                    "hook.id".into(),
+                    format!("reads steps.{step}; a hook's id is taken from the request: use body.<field>"),
+                ));
+            }
+        }
         for (field, name) in &builder.references {
             if !builder.names.contains_key(name) {
                 return Err(fail(
@@ -891,6 +917,7 @@ impl Definition {
             max_map_items: limits.max_map_items,
             max_payload_bytes: limits.max_payload_bytes,
             max_child_depth: limits.max_child_depth,
+            hook: raw.hook,
             by_name,
         })
     }
@@ -1132,5 +1159,18 @@ steps:
         };
         let caps: Vec<u128> = (1..=5).map(|r| p.backoff_cap(r).as_millis()).collect();
         assert_eq!(caps, vec![100, 200, 400, 500, 500]);
+    }
+
+    #[test]
+    fn a_hook_names_its_id_expression_and_may_not_read_steps() {
+        let ok = "name: h\nhook: { id: body.order_id }\nsteps: [{ name: a, task: t }]\n";
+        let parsed = Definition::parse("h.yaml", ok).unwrap();
+        assert_eq!(parsed.hook.unwrap().id, "body.order_id");
+        let bad = error_of("name: h\nhook: { id: 'body.[' }\nsteps: [{ name: a, task: t }]\n");
+        assert_eq!(bad.field, "hook.id");
+        let steps = error_of("name: h\nhook: { id: steps.a.id }\nsteps: [{ name: a, task: t }]\n");
+        assert!(steps.message.contains("body.<field>"), "{}", steps.message);
+        let typo = error_of("name: h\nhook: { key: body.id }\nsteps: [{ name: a, task: t }]\n");
+        assert!(typo.message.contains("key"), "{}", typo.message);
     }
 }

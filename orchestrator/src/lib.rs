@@ -216,6 +216,7 @@ fn serve_api(
             replication_factor: config.replication_factor,
         },
         visibility,
+        hooks: Default::default(),
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod dead_letters;
 mod definitions;
+mod hooks;
 mod workflows;
 
 use axum::extract::DefaultBodyLimit;
@@ -23,6 +24,7 @@ use crate::visibility::Visibility;
 pub struct Api {
     pub client: Client,
     pub visibility: Visibility,
+    pub hooks: hooks::HookCache,
 }
 
 /// The `/v1` routes.
@@ -40,6 +42,7 @@ pub fn routes(api: Api) -> Router {
             post(definitions::deploy).get(definitions::list),
         )
         .route("/v1/definitions/{name}", get(definitions::get))
+        .route("/v1/hooks/{workflow}", post(hooks::hook))
         .route("/v1/dead-letters", get(dead_letters::list))
         .route("/v1/dead-letters/replay", post(dead_letters::replay))
         .route(
