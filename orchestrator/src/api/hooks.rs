@@ -25,7 +25,10 @@ const CACHE_ENTRIES: usize = 1_000;
 
 /// The latest definition of each workflow name recently asked for.
 #[derive(Clone, Default)]
-pub struct HookCache(Arc<Mutex<HashMap<String, (Instant, Arc<Definition>)>>>);
+pub struct HookCache(Arc<Mutex<HashMap<String, Cached>>>);
+
+/// A definition, and when it was read.
+type Cached = (Instant, Arc<Definition>);
 
 impl HookCache {
     fn get(&self, name: &str) -> Option<Arc<Definition>> {
