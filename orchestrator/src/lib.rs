@@ -28,6 +28,7 @@ pub mod partition;
 mod produce;
 mod rebalance;
 mod restore;
+pub mod schedules;
 mod traces;
 pub mod visibility;
 
@@ -182,22 +183,19 @@ struct Orchestrator {
 /// The API's shared parts, with the visibility index opened and its feeder started (until `stop` changes).
 fn serve_api(
     config: &Config,
-    codec: &Arc<Codec>,
-    producer: &FutureProducer,
+    client: &client::Client,
+    schedules: &schedules::Table,
     stop: tokio::sync::watch::Receiver<()>,
 ) -> anyhow::Result<api::Api> {
     let visibility = visibility::Visibility::open(config.visibility_path.as_deref())?;
     let feeder = visibility::feed(
         visibility.clone(),
         config.kafka.clone(),
-        codec.clone(),
+        client.codec.clone(),
         config.topics.clone(),
         config.partitions,
         config.visibility_retention,
-        async move {
-            let mut stop = stop;
-            let _ = stop.changed().await;
-        },
+        stopped(stop),
     );
     tokio::spawn(async move {
         if let Err(e) = feeder.await {
@@ -207,17 +205,16 @@ fn serve_api(
         }
     });
     Ok(api::Api {
-        client: client::Client {
-            kafka: config.kafka.clone(),
-            producer: producer.clone(),
-            codec: codec.clone(),
-            topics: config.topics.clone(),
-            limits: config.limits.clone(),
-            replication_factor: config.replication_factor,
-        },
+        client: client.clone(),
         visibility,
         hooks: Default::default(),
+        schedules: schedules.clone(),
     })
+}
+
+/// Resolves when `stop`'s sender is dropped (when `run` returns).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<()>) {
+    let _ = stop.changed().await;
 }
 
 /// Adds a batch to `edow_records_consumed_total`, per topic.
@@ -264,10 +261,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     .await?;
     let producer = config.kafka.producer_for_batches()?;
     let readiness = http::Readiness::default();
-    // Dropped when `run` returns, which stops the listener and the index's feeder.
+    // Dropped when `run` returns, which stops the listener, the index's feeder and the scheduler.
     let (_listener_stop, stop_listener) = tokio::sync::watch::channel(());
+    let client = client::Client {
+        kafka: config.kafka.clone(),
+        producer: producer.clone(),
+        codec: codec.clone(),
+        topics: config.topics.clone(),
+        limits: config.limits.clone(),
+        replication_factor: config.replication_factor,
+    };
+    let schedule_table = schedules::Table::default();
+    let (owned_partitions, owned) = tokio::sync::watch::channel(BTreeSet::new());
+    let scheduler = schedules::run(
+        client.clone(),
+        schedule_table.clone(),
+        config.partitions,
+        owned,
+        stopped(stop_listener.clone()),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = scheduler.await {
+            tracing::error!("the scheduler stopped: {e:#}; schedules fire again after a restart");
+        }
+    });
     if let Some(addr) = config.http_addr {
-        let api = serve_api(&config, &codec, &producer, stop_listener.clone())?;
+        let api = serve_api(&config, &client, &schedule_table, stop_listener.clone())?;
         let mut stop = stop_listener.clone();
         edow_telemetry::http::serve(
             addr,
@@ -318,6 +337,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let rebalanced = orchestrator
             .handle_rebalances(&consumer, &mut batch)
             .await?;
+        if rebalanced {
+            owned_partitions.send_replace(orchestrator.partitions.keys().copied().collect());
+        }
         if rebalanced && !readiness.is_ready() {
             readiness.set_ready();
             tracing::info!(

@@ -276,6 +276,22 @@ pub struct WorkflowDefinition {
 }
 contract!(WorkflowDefinition, "workflow_definition.avsc");
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub name: String,
+    pub workflow_name: String,
+    pub workflow_version: Option<i32>,
+    pub cron: String,
+    pub time_zone: String,
+    pub input: String,
+    pub catch_up: String,
+    pub catch_up_window_ms: i64,
+    pub source: String,
+    pub created_at: i64,
+    pub fired_through: Option<i64>,
+}
+contract!(Schedule, "schedule.avsc");
+
 /// Every contract's full name and schema text, for registration and checks.
 pub const ALL: &[(&str, &str)] = &[
     (WorkflowTrigger::NAME, WorkflowTrigger::SCHEMA_TEXT),
@@ -286,6 +302,7 @@ pub const ALL: &[(&str, &str)] = &[
     (WorkflowState::NAME, WorkflowState::SCHEMA_TEXT),
     (DeadLetter::NAME, DeadLetter::SCHEMA_TEXT),
     (WorkflowDefinition::NAME, WorkflowDefinition::SCHEMA_TEXT),
+    (Schedule::NAME, Schedule::SCHEMA_TEXT),
 ];
 
 /// The contract written to each of the fixed topics (task and dead-letter topics are per type and per origin,
@@ -318,5 +335,6 @@ pub fn fixed_topic_contracts(topics: &crate::Topics) -> Vec<(String, &'static st
             WorkflowDefinition::NAME,
             WorkflowDefinition::SCHEMA_TEXT,
         ),
+        (topics.schedules(), Schedule::NAME, Schedule::SCHEMA_TEXT),
     ]
 }

@@ -48,6 +48,10 @@ impl Topics {
         format!("{}definitions", self.prefix)
     }
 
+    pub fn schedules(&self) -> String {
+        format!("{}schedules", self.prefix)
+    }
+
     pub fn tasks(&self, task_type: &str) -> String {
         format!("{}tasks.{task_type}", self.prefix)
     }

@@ -6,6 +6,7 @@
 mod dead_letters;
 mod definitions;
 mod hooks;
+mod schedules;
 mod workflows;
 
 use axum::extract::DefaultBodyLimit;
@@ -25,6 +26,7 @@ pub struct Api {
     pub client: Client,
     pub visibility: Visibility,
     pub hooks: hooks::HookCache,
+    pub schedules: crate::schedules::Table,
 }
 
 /// The `/v1` routes.
@@ -43,6 +45,14 @@ pub fn routes(api: Api) -> Router {
         )
         .route("/v1/definitions/{name}", get(definitions::get))
         .route("/v1/hooks/{workflow}", post(hooks::hook))
+        .route(
+            "/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
+        .route(
+            "/v1/schedules/{name}",
+            axum::routing::delete(schedules::delete),
+        )
         .route("/v1/dead-letters", get(dead_letters::list))
         .route("/v1/dead-letters/replay", post(dead_letters::replay))
         .route(
