@@ -157,14 +157,14 @@ impl Checked {
             .copied()
             .filter(|t| now - t < GRACE_MS)
             .collect();
-        let missed_in_window = times
+        let mut missed_in_window = times
             .iter()
             .copied()
             .filter(|t| now - t >= GRACE_MS && now - t <= self.record.catch_up_window_ms);
         let mut due: Vec<i64> = match self.catch_up {
             CatchUp::Skip => on_time,
             CatchUp::One if !on_time.is_empty() => on_time,
-            CatchUp::One => missed_in_window.last().into_iter().collect(),
+            CatchUp::One => missed_in_window.next_back().into_iter().collect(),
             CatchUp::All => missed_in_window.chain(on_time).collect(),
         };
         due.truncate(MAX_PER_TICK);
@@ -201,7 +201,10 @@ pub struct Known {
 
 /// The schedules read from the topic, shared with the API.
 #[derive(Clone, Default)]
-pub struct Table(Arc<RwLock<BTreeMap<String, (Checked, Option<i64>)>>>);
+pub struct Table(Arc<RwLock<BTreeMap<String, Entry>>>);
+
+/// A schedule and the last fire time started.
+type Entry = (Checked, Option<i64>);
 
 impl Table {
     pub fn list(&self) -> Vec<Known> {
