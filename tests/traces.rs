@@ -175,7 +175,7 @@ async fn trace_ids_of(
     for topic in topics {
         for record in read_topic(cluster, topic).await.unwrap() {
             if record.key() == Some(id.as_bytes()) {
-                let trace = TraceContext::from_headers(record.headers())
+                let trace = edow_kafka::headers::trace_context(record.headers())
                     .map(|t| t.trace_id_hex())
                     .unwrap_or_default();
                 found

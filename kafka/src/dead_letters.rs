@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use edow_schemas::contracts::{AvroBytes, DeadLetter};
 use edow_schemas::{Codec, Topics};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 
@@ -39,14 +39,15 @@ impl Reason {
 pub const MAX_DEAD_LETTER_BYTES: usize = 900 * 1024;
 
 /// Builds the dead letter for `message`.
-pub fn dead_letter(message: &impl Message, reason: &Reason, service: &str) -> DeadLetter {
+pub fn dead_letter<M>(message: &M, reason: &Reason, service: &str) -> DeadLetter
+where
+    M: Message,
+    M::Headers: crate::headers::RawHeaders,
+{
     let mut headers = HashMap::new();
     if let Some(original) = message.headers() {
-        for header in original.iter() {
-            headers.insert(
-                header.key.to_string(),
-                AvroBytes(header.value.unwrap_or_default().to_vec()),
-            );
+        for (key, value) in crate::headers::all(original) {
+            headers.insert(key, AvroBytes(value.unwrap_or_default()));
         }
     }
     DeadLetter {
@@ -122,17 +123,24 @@ pub async fn publish(
             value: Some(value.as_bytes()),
         });
     }
-    // The dead letter stays in the trace of the record it holds.
-    for key in [
-        edow_telemetry::trace::TRACEPARENT,
-        edow_telemetry::trace::TRACESTATE,
-    ] {
-        if let Some(value) = letter.headers.get(key) {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value.0.as_slice()),
-            });
-        }
+    // The dead letter stays in the trace of the record it holds: the context only, checked (a few hundred bytes
+    // at most), never the original header bytes, which could be anything of any size.
+    let trace = edow_telemetry::trace::TraceContext::from_values(
+        letter
+            .headers
+            .get(edow_telemetry::trace::TRACEPARENT)
+            .map(|v| v.0.as_slice()),
+        letter
+            .headers
+            .get(edow_telemetry::trace::TRACESTATE)
+            .map(|v| v.0.as_slice()),
+    );
+    let trace_headers = trace.map(|t| t.headers()).unwrap_or_default();
+    for (key, value) in &trace_headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_slice()),
+        });
     }
     let mut record = FutureRecord::to(&topic).payload(&value).headers(headers);
     if let Some(key) = letter.key.as_deref() {

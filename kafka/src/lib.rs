@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod dead_letters;
+pub mod headers;
 pub mod murmur2;
 pub mod process;
 

@@ -20,7 +20,7 @@ use edow_engine::{Command, Millis};
 use edow_kafka::{now_millis, produce_all, EVENT_ID_HEADER};
 use edow_schemas::contracts::{WorkflowState, WorkflowStatus};
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset};
 
 use crate::decode::{decode_retrying, Stalled};
@@ -611,18 +611,25 @@ struct StateHeaders<'a> {
 impl<'a> StateHeaders<'a> {
     fn of(message: &'a OwnedMessage) -> StateHeaders<'a> {
         let mut found = StateHeaders::default();
-        for h in message.headers().into_iter().flat_map(|h| h.iter()) {
-            let slot = match h.key {
-                EPOCH_HEADER => &mut found.epoch,
-                TIMER_HEADER => &mut found.timer,
-                OUTBOX_HEADER => &mut found.outbox,
-                _ => continue,
+        let Some(headers) = message.headers() else {
+            return found;
+        };
+        // Keys are compared as bytes: one that is not UTF-8 is only another name, never a panic.
+        edow_kafka::headers::visit(headers, |key, value| {
+            let slot = if key == EPOCH_HEADER.as_bytes() {
+                &mut found.epoch
+            } else if key == TIMER_HEADER.as_bytes() {
+                &mut found.timer
+            } else if key == OUTBOX_HEADER.as_bytes() {
+                &mut found.outbox
+            } else {
+                return;
             };
             // The first of a name counts, as a lookup by name would find it.
             if slot.is_none() {
-                *slot = Some(h.value);
+                *slot = Some(value);
             }
-        }
+        });
         found
     }
 
@@ -646,11 +653,13 @@ impl<'a> StateHeaders<'a> {
 }
 
 fn header<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
+    let mut found = None;
+    edow_kafka::headers::visit(message.headers()?, |key, value| {
+        if found.is_none() && key == name.as_bytes() {
+            found = Some(value);
+        }
+    });
+    found.flatten()
 }
 
 fn event_id_of(message: &OwnedMessage) -> Option<String> {

@@ -31,7 +31,7 @@ impl InputTrace {
             Ok(Input::Signal(s)) => (Some(s.workflow_id.clone()), s.correlation_id.clone()),
             Err(_) => (None, None),
         };
-        let incoming = TraceContext::from_headers(msg.headers());
+        let incoming = edow_kafka::headers::trace_context(msg.headers());
         let key = msg.key().unwrap_or_default();
         let mut extra = Vec::new();
         if let Some(id) = &workflow_id {

@@ -19,7 +19,6 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTracerProvider};
-use rdkafka::message::Headers;
 
 /// The W3C header names, used as Kafka record header keys (as the OpenTelemetry Kafka instrumentations do).
 pub const TRACEPARENT: &str = "traceparent";
@@ -99,19 +98,14 @@ impl TraceContext {
         })
     }
 
-    /// The context in a record's headers, if it has a valid one.
-    pub fn from_headers<H: Headers>(headers: Option<&H>) -> Option<TraceContext> {
-        let headers = headers?;
-        let mut parent = None;
-        let mut state = None;
-        for header in headers.iter() {
-            match header.key {
-                TRACEPARENT => parent = header.value.and_then(|v| std::str::from_utf8(v).ok()),
-                TRACESTATE => state = header.value.and_then(|v| std::str::from_utf8(v).ok()),
-                _ => {}
-            }
-        }
-        TraceContext::parse(parent?, state)
+    /// The context of a record whose `traceparent` and `tracestate` header values are these, if valid.
+    pub fn from_values(
+        traceparent: Option<&[u8]>,
+        tracestate: Option<&[u8]>,
+    ) -> Option<TraceContext> {
+        let parent = std::str::from_utf8(traceparent?).ok()?;
+        let state = tracestate.and_then(|s| std::str::from_utf8(s).ok());
+        TraceContext::parse(parent, state)
     }
 
     /// The `traceparent` header value.

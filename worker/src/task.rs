@@ -80,7 +80,7 @@ pub async fn process(ctx: &TaskContext, msg: &OwnedMessage, lease: &Lease) -> Ou
         Ok(None) => return Outcome::Acknowledged,
         Err(Stopped) => return Outcome::Abandoned,
     };
-    let incoming = TraceContext::from_headers(msg.headers());
+    let incoming = edow_kafka::headers::trace_context(msg.headers());
     let mut span = trace::process(
         incoming.as_ref(),
         &Destination {
