@@ -3,7 +3,7 @@
 
 use anyhow::bail;
 use edow_orchestrator::client::Client;
-use edow_orchestrator::dlq::{Position, Selection, MAX_SELECTED};
+use edow_orchestrator::dlq::{Position, Selection, MAX_LISTED, MAX_SELECTED};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Dlq {
@@ -82,7 +82,7 @@ pub async fn run(client: &Client, command: Dlq) -> anyhow::Result<()> {
                 Some(topic) => vec![topic],
                 None => client.dead_letter_topics().await?,
             };
-            let limit = limit.clamp(1, MAX_SELECTED);
+            let limit = limit.clamp(1, MAX_LISTED);
             let mut found = Vec::new();
             for origin in origins {
                 let selection = Selection {
@@ -90,13 +90,7 @@ pub async fn run(client: &Client, command: Dlq) -> anyhow::Result<()> {
                     positions: None,
                     limit: limit - found.len(),
                 };
-                found.extend(
-                    client
-                        .dead_letters(&origin, &selection)
-                        .await?
-                        .into_iter()
-                        .map(|(s, _)| s),
-                );
+                found.extend(client.dead_letters(&origin, &selection).await?);
                 if found.len() >= limit {
                     break;
                 }

@@ -168,7 +168,7 @@ async fn the_api_drives_and_reads_workflows_from_any_instance() {
     let path = format!("/v1/workflows/{id}");
     let waiting = other
         .until(&path, |s, b| {
-            s == 200 && b["running_steps"].as_array().is_some_and(|r| !r.is_empty())
+            s == 200 && b["running_steps"][0]["step"] == "decision"
         })
         .await;
     assert_eq!(waiting["status"], "Running");
@@ -286,6 +286,16 @@ async fn the_api_drives_and_reads_workflows_from_any_instance() {
     assert_eq!((status, field(&refused)), (404, "id"));
     let (status, refused) = api.get("/v1/nothing").await;
     assert_eq!((status, field(&refused)), (404, "path"));
+    // axum's own refusals are JSON too: a method not served, a body past the limit.
+    let (status, refused) = api
+        .send(api.client.delete(format!("{}/v1/workflows", api.base)))
+        .await;
+    assert_eq!((status, field(&refused)), (405, "method"));
+    let huge = "x".repeat(3 * 1024 * 1024);
+    let (status, refused) = api
+        .post("/v1/workflows", json!({"name": "api-quick", "input": huge}))
+        .await;
+    assert_eq!((status, field(&refused)), (413, "body"), "{refused}");
 
     // Webhooks: the id comes from the body, so the same delivery twice starts one workflow.
     assert_eq!(api.post_text("/v1/definitions", HOOKED).await.0, 201);

@@ -182,7 +182,8 @@ impl Client {
             topic,
             partition: None,
             key: id.as_bytes().to_vec(),
-            headers: trace.unwrap_or_else(TraceContext::new_root).headers(),
+            // Without the caller's context, none: the workflow's records keep the workflow's own trace.
+            headers: trace.map(|t| t.headers()).unwrap_or_default(),
         };
         produce_all(&self.producer, &[record]).await?;
         Ok(signal.signal_id)

@@ -21,9 +21,11 @@ use crate::client::{new_id, Client, ClientError};
 /// The header a replayed record carries: which replay, and which dead letter it came from.
 pub const REPLAY_HEADER: &str = "edow.replay";
 /// Records read per chunk while scanning a dead-letter topic.
-const SCAN_CHUNK: usize = 500;
-/// Most dead letters one list answers or one replay sends.
+const SCAN_CHUNK: usize = 100;
+/// Most dead letters one replay sends.
 pub const MAX_SELECTED: usize = 10_000;
+/// Most dead letters one list answers.
+pub const MAX_LISTED: usize = 1_000;
 
 /// Where a dead letter is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
@@ -86,12 +88,33 @@ impl Client {
             .collect())
     }
 
-    /// Dead letters of `origin` (a topic such as `edow.triggers`) matching `selection`, oldest first.
+    /// Summaries of the dead letters of `origin` (a topic such as `edow.triggers`) matching `selection`, oldest
+    /// first, at most `selection.limit` (up to [`MAX_LISTED`]).
     pub async fn dead_letters(
         &self,
         origin: &str,
         selection: &Selection,
-    ) -> Result<Vec<(Summary, DeadLetter)>, ClientError> {
+    ) -> Result<Vec<Summary>, ClientError> {
+        let limit = selection.limit.clamp(1, MAX_LISTED);
+        let mut found = Vec::new();
+        let mut scan = self.scan(origin, selection).await?;
+        while found.len() < limit {
+            let Some(chunk) = scan.next(self).await? else {
+                break;
+            };
+            found.extend(
+                chunk
+                    .into_iter()
+                    .map(|(summary, _)| summary)
+                    .take(limit - found.len()),
+            );
+        }
+        Ok(found)
+    }
+
+    /// A reader of the dead letters of `origin` matching `selection`, oldest first per partition, a chunk at a
+    /// time (memory holds one chunk).
+    async fn scan(&self, origin: &str, selection: &Selection) -> Result<Scan, ClientError> {
         let topic = self.dead_letter_topic(origin).await?;
         let partitions = {
             let (kafka, topic) = (self.kafka.clone(), topic.clone());
@@ -99,58 +122,21 @@ impl Client {
                 .await
                 .map_err(anyhow::Error::from)??
         };
-        let wanted: Option<BTreeMap<i32, Vec<i64>>> = selection.positions.as_ref().map(|ps| {
+        let wanted = selection.positions.as_ref().map(|ps| {
             let mut by_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
             for p in ps {
                 by_partition.entry(p.partition).or_default().push(p.offset);
             }
             by_partition
         });
-        let limit = selection.limit.clamp(1, MAX_SELECTED);
-        let mut found = Vec::new();
-        for partition in 0..partitions as i32 {
-            let from = match &wanted {
-                Some(w) => match w.get(&partition).and_then(|o| o.iter().min()) {
-                    Some(first) => Offset::Offset(*first),
-                    None => continue,
-                },
-                None => Offset::Beginning,
-            };
-            let mut chunks = self
-                .kafka
-                .stream_to_end(&topic, partition, from, SCAN_CHUNK);
-            'read: while let Some(chunk) = chunks.recv().await {
-                for record in chunk? {
-                    if let Some(w) = &wanted {
-                        if !w
-                            .get(&partition)
-                            .is_some_and(|o| o.contains(&record.offset()))
-                        {
-                            continue;
-                        }
-                    }
-                    let Ok(letter) = self.codec.decode::<DeadLetter>(record.payload()).await else {
-                        continue;
-                    };
-                    if selection
-                        .reason
-                        .as_ref()
-                        .is_some_and(|r| *r != letter.error_kind)
-                    {
-                        continue;
-                    }
-                    let summary = summary(&topic, partition, record.offset(), &letter);
-                    found.push((summary, letter));
-                    if found.len() >= limit {
-                        break 'read;
-                    }
-                }
-            }
-            if found.len() >= limit {
-                break;
-            }
-        }
-        Ok(found)
+        Ok(Scan {
+            topic,
+            partitions: partitions as i32,
+            next_partition: 0,
+            wanted,
+            reason: selection.reason.clone(),
+            chunks: None,
+        })
     }
 
     /// One dead letter with its original record, decoded when its topic's contract is known.
@@ -159,17 +145,20 @@ impl Client {
         origin: &str,
         at: Position,
     ) -> Result<Option<Value>, ClientError> {
+        if at.partition < 0 || at.offset < 0 {
+            return Err(ClientError::invalid(
+                "offset",
+                "partitions and offsets are 0 or more",
+            ));
+        }
         let selection = Selection {
             positions: Some(vec![at]),
             limit: 1,
             ..Selection::default()
         };
-        let Some((summary, letter)) = self
-            .dead_letters(origin, &selection)
-            .await?
-            .into_iter()
-            .next()
-        else {
+        let mut scan = self.scan(origin, &selection).await?;
+        let one = scan.next(self).await?.and_then(|mut chunk| chunk.pop());
+        let Some((summary, letter)) = one else {
             return Ok(None);
         };
         let mut shown = serde_json::to_value(&summary).map_err(anyhow::Error::from)?;
@@ -188,87 +177,106 @@ impl Client {
         Ok(Some(shown))
     }
 
-    /// Produces the selected dead letters of `origin` to `origin` again, byte for byte.
+    /// Produces the selected dead letters of `origin` to `origin` again, byte for byte, a chunk at a time (each
+    /// acknowledged before the next is read), at most [`MAX_SELECTED`].
     pub async fn replay(
         &self,
         origin: &str,
         selection: &Selection,
     ) -> Result<Replayed, ClientError> {
-        let letters = self.dead_letters(origin, selection).await?;
+        if selection
+            .positions
+            .iter()
+            .flatten()
+            .any(|p| p.partition < 0 || p.offset < 0)
+        {
+            return Err(ClientError::invalid(
+                "offsets",
+                "partitions and offsets are 0 or more",
+            ));
+        }
         let replay_id = new_id("replay");
-        let mut records = Vec::new();
         let mut replayed = Vec::new();
         let mut skipped = Vec::new();
-        for (summary, letter) in letters {
-            let at = Position {
-                partition: summary.partition,
-                offset: summary.offset,
+        let mut scan = self.scan(origin, selection).await?;
+        while replayed.len() + skipped.len() < MAX_SELECTED {
+            let Some(chunk) = scan.next(self).await? else {
+                break;
             };
-            if letter.origin_topic != origin {
-                skipped.push((
-                    at,
-                    format!("it came from {}, not {origin}", letter.origin_topic),
-                ));
-                continue;
-            }
-            let Some(value) = letter.value else {
-                skipped.push((
-                    at,
-                    format!(
-                        "the original was too large to keep; it is at {}/{}@{} until that topic's retention",
-                        letter.origin_topic, letter.origin_partition, letter.origin_offset
-                    ),
-                ));
-                continue;
-            };
-            let mut headers =
-                rdkafka::message::OwnedHeaders::new_with_capacity(letter.headers.len() + 1);
-            let mut named: Vec<(String, Vec<u8>)> = letter
-                .headers
-                .into_iter()
-                .filter(|(k, _)| k != REPLAY_HEADER)
-                .map(|(k, v)| (k, v.0))
-                .collect();
-            named.sort();
-            for (key, value) in &named {
+            let mut prepared = Vec::new();
+            for (summary, letter) in chunk {
+                if replayed.len() + skipped.len() >= MAX_SELECTED {
+                    break;
+                }
+                let at = Position {
+                    partition: summary.partition,
+                    offset: summary.offset,
+                };
+                if letter.origin_topic != origin {
+                    skipped.push((
+                        at,
+                        format!("it came from {}, not {origin}", letter.origin_topic),
+                    ));
+                    continue;
+                }
+                let Some(value) = letter.value else {
+                    skipped.push((
+                        at,
+                        format!(
+                            "the original was too large to keep; it is at {}/{}@{} until that topic's retention",
+                            letter.origin_topic, letter.origin_partition, letter.origin_offset
+                        ),
+                    ));
+                    continue;
+                };
+                let mut headers =
+                    rdkafka::message::OwnedHeaders::new_with_capacity(letter.headers.len() + 1);
+                let mut named: Vec<(String, Vec<u8>)> = letter
+                    .headers
+                    .into_iter()
+                    .filter(|(k, _)| k != REPLAY_HEADER)
+                    .map(|(k, v)| (k, v.0))
+                    .collect();
+                named.sort();
+                for (key, value) in &named {
+                    headers = headers.insert(rdkafka::message::Header {
+                        key,
+                        value: Some(value),
+                    });
+                }
+                let replay = format!(
+                    "{replay_id} of {}/{}@{} at {}",
+                    summary.topic,
+                    summary.partition,
+                    summary.offset,
+                    now_millis()
+                );
                 headers = headers.insert(rdkafka::message::Header {
-                    key,
-                    value: Some(value),
+                    key: REPLAY_HEADER,
+                    value: Some(&replay),
                 });
+                prepared.push((letter.key, value, headers));
+                replayed.push(at);
             }
-            let replay = format!(
-                "{replay_id} of {}/{}@{} at {}",
-                summary.topic,
-                summary.partition,
-                summary.offset,
-                now_millis()
-            );
-            headers = headers.insert(rdkafka::message::Header {
-                key: REPLAY_HEADER,
-                value: Some(&replay),
-            });
-            records.push((letter.key, value, headers));
-            replayed.push(at);
-        }
-        // Sent in order and all acknowledged before the answer: a replay reported done is on the broker.
-        let mut deliveries = Vec::with_capacity(records.len());
-        for (key, value, headers) in &records {
-            let mut record = rdkafka::producer::FutureRecord::to(origin)
-                .payload(value)
-                .headers(headers.clone());
-            if let Some(key) = key {
-                record = record.key(key);
+            let mut deliveries = Vec::with_capacity(prepared.len());
+            for (key, value, headers) in &prepared {
+                let mut record = rdkafka::producer::FutureRecord::to(origin)
+                    .payload(value)
+                    .headers(headers.clone());
+                if let Some(key) = key {
+                    record = record.key(key);
+                }
+                deliveries.push(
+                    self.producer
+                        .send(record, std::time::Duration::from_secs(30)),
+                );
             }
-            deliveries.push(
-                self.producer
-                    .send(record, std::time::Duration::from_secs(30)),
-            );
-        }
-        for delivery in deliveries {
-            delivery
-                .await
-                .map_err(|(e, _)| anyhow::anyhow!("replaying to {origin}: {e}"))?;
-            edow_kafka::count_produced_one(origin);
+            for delivery in deliveries {
+                delivery.await.map_err(|(e, _)| {
+                    ClientError::Unavailable(anyhow::anyhow!("replaying to {origin}: {e}"))
+                })?;
+                edow_kafka::count_produced_one(origin);
+            }
         }
         tracing::info!(
             replay = %replay_id,
@@ -366,5 +374,98 @@ fn summary(topic: &str, partition: i32, offset: i64, letter: &DeadLetter) -> Sum
         dead_lettered_at: letter.dead_lettered_at,
         service: letter.service.clone(),
         replayable: letter.value.is_some(),
+    }
+}
+
+/// Reading a dead-letter topic, partition by partition, chunk by chunk.
+struct Scan {
+    topic: String,
+    partitions: i32,
+    next_partition: i32,
+    wanted: Option<BTreeMap<i32, Vec<i64>>>,
+    reason: Option<String>,
+    /// The partition being read, and its chunks.
+    chunks: Option<(
+        i32,
+        tokio::sync::mpsc::Receiver<anyhow::Result<Vec<rdkafka::message::OwnedMessage>>>,
+    )>,
+}
+
+impl Scan {
+    /// The next chunk's matching dead letters (maybe none); `None` at the end.
+    async fn next(
+        &mut self,
+        client: &Client,
+    ) -> Result<Option<Vec<(Summary, DeadLetter)>>, ClientError> {
+        loop {
+            if self.chunks.is_none() {
+                let Some(partition) = self.next_start() else {
+                    return Ok(None);
+                };
+                let from = match &self.wanted {
+                    Some(w) => Offset::Offset(
+                        w.get(&partition)
+                            .and_then(|o| o.iter().min())
+                            .copied()
+                            .unwrap_or(0),
+                    ),
+                    None => Offset::Beginning,
+                };
+                let chunks = client
+                    .kafka
+                    .stream_to_end(&self.topic, partition, from, SCAN_CHUNK);
+                self.chunks = Some((partition, chunks));
+            }
+            let Some((partition, chunks)) = &mut self.chunks else {
+                continue;
+            };
+            let partition = *partition;
+            let Some(chunk) = chunks.recv().await else {
+                self.chunks = None;
+                continue;
+            };
+            let mut matching = Vec::new();
+            for record in chunk? {
+                if let Some(w) = &self.wanted {
+                    if !w
+                        .get(&partition)
+                        .is_some_and(|o| o.contains(&record.offset()))
+                    {
+                        continue;
+                    }
+                }
+                let Ok(letter) = client.codec.decode::<DeadLetter>(record.payload()).await else {
+                    continue;
+                };
+                if self
+                    .reason
+                    .as_ref()
+                    .is_some_and(|r| *r != letter.error_kind)
+                {
+                    continue;
+                }
+                matching.push((
+                    summary(&self.topic, partition, record.offset(), &letter),
+                    letter,
+                ));
+            }
+            return Ok(Some(matching));
+        }
+    }
+
+    /// The next partition to read: every one, or those with wanted positions.
+    fn next_start(&mut self) -> Option<i32> {
+        while self.next_partition < self.partitions {
+            let partition = self.next_partition;
+            self.next_partition += 1;
+            if self
+                .wanted
+                .as_ref()
+                .is_none_or(|w| w.contains_key(&partition))
+            {
+                return Some(partition);
+            }
+        }
+        None
     }
 }

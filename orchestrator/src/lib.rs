@@ -188,20 +188,32 @@ fn serve_api(
     stop: tokio::sync::watch::Receiver<()>,
 ) -> anyhow::Result<api::Api> {
     let visibility = visibility::Visibility::open(config.visibility_path.as_deref())?;
-    let feeder = visibility::feed(
+    let (index, kafka, codec, topics) = (
         visibility.clone(),
         config.kafka.clone(),
         client.codec.clone(),
         config.topics.clone(),
-        config.partitions,
-        config.visibility_retention,
-        stopped(stop),
     );
+    let (partitions, retention) = (config.partitions, config.visibility_retention);
     tokio::spawn(async move {
-        if let Err(e) = feeder.await {
-            tracing::error!(
-                "the visibility index stopped: {e:#}; the API's reads are stale until a restart"
+        // An error (a full disk, a broker gone for long) stops one run; the next resumes from the stored positions.
+        loop {
+            let feeder = visibility::feed(
+                index.clone(),
+                kafka.clone(),
+                codec.clone(),
+                topics.clone(),
+                partitions,
+                retention,
+                stopped(stop.clone()),
             );
+            match feeder.await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!("the visibility index stopped: {e:#}; restarting it in 5 s")
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
         }
     });
     Ok(api::Api {
@@ -265,7 +277,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (_listener_stop, stop_listener) = tokio::sync::watch::channel(());
     let client = client::Client {
         kafka: config.kafka.clone(),
-        producer: producer.clone(),
+        // Its own producer: requests (a replay of many dead letters, say) never queue ahead of the changelog.
+        producer: config.kafka.producer()?,
         codec: codec.clone(),
         topics: config.topics.clone(),
         limits: config.limits.clone(),
@@ -337,8 +350,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let rebalanced = orchestrator
             .handle_rebalances(&consumer, &mut batch)
             .await?;
-        if rebalanced {
-            owned_partitions.send_replace(orchestrator.partitions.keys().copied().collect());
+        // Also after a batch forgot a lost partition: the scheduler fires only what this instance owns.
+        let owned_now: BTreeSet<i32> = orchestrator.partitions.keys().copied().collect();
+        if *owned_partitions.borrow() != owned_now {
+            owned_partitions.send_replace(owned_now);
         }
         if rebalanced && !readiness.is_ready() {
             readiness.set_ready();
@@ -382,7 +397,6 @@ impl Orchestrator {
     ) -> anyhow::Result<()> {
         let now = now_millis();
         let began = Instant::now();
-        count_consumed(&batch);
         // A partition revoked while the batch was collected belongs to another instance now.
         let batch: Vec<OwnedMessage> = batch
             .into_iter()
@@ -416,6 +430,8 @@ impl Orchestrator {
                 }
             }
         }
+        // Counted once decoded: a rewound batch is counted when it comes again.
+        count_consumed(&batch);
         self.catch_up_definitions(&inputs).await;
         let decoded = began.elapsed();
 

@@ -40,7 +40,11 @@ impl Observation {
         }
         Some(Observation {
             workflow: instance.workflow_name.clone(),
-            duration: (instance.updated_at - instance.created_at).max(0) as f64 / 1000.0,
+            duration: instance
+                .updated_at
+                .saturating_sub(instance.created_at)
+                .max(0) as f64
+                / 1000.0,
             events,
         })
     }

@@ -137,38 +137,58 @@ impl Checked {
     }
 
     /// The fire times to start at `now`, given the last one started (`None`: none yet), by the catch-up policy.
+    /// A fire time less than [`GRACE_MS`] old is on time; older ones are missed, and the policy says which of
+    /// them, within the window, are started: none (`skip`), the latest (`one`), or all, oldest first, at most
+    /// [`MAX_PER_TICK`] per call (the rest at the next).
     pub fn due(&self, fired_through: Option<i64>, now: i64) -> Vec<i64> {
-        let window = self.record.catch_up_window_ms.max(GRACE_MS);
-        // Never before the schedule existed, nor further back than anything the policy could fire.
-        let from = fired_through
-            .unwrap_or(self.record.created_at.saturating_sub(1))
-            .max(now.saturating_sub(window));
+        // Never before the schedule existed, nor again what was started.
+        let after = fired_through.unwrap_or(self.record.created_at.saturating_sub(1));
+        let window_start = now.saturating_sub(self.record.catch_up_window_ms);
+        let on_time_start = now.saturating_sub(GRACE_MS);
+        let mut due = match self.catch_up {
+            CatchUp::Skip => Vec::new(),
+            CatchUp::One => self
+                .last_at_or_before(on_time_start)
+                .filter(|t| *t > after && *t >= window_start)
+                .into_iter()
+                .collect(),
+            CatchUp::All => self.between(
+                after.max(window_start.saturating_sub(1)),
+                on_time_start,
+                MAX_PER_TICK,
+            ),
+        };
+        if due.len() < MAX_PER_TICK {
+            let from = after.max(on_time_start);
+            due.extend(self.between(from, now, MAX_PER_TICK - due.len()));
+        }
+        due
+    }
+
+    /// Fire times in (`after`, `until`], at most `most`, oldest first.
+    fn between(&self, after: i64, until: i64, most: usize) -> Vec<i64> {
         let mut times = Vec::new();
-        let mut at = from;
-        while let Some(next) = self.next_after(at).filter(|t| *t <= now) {
-            times.push(next);
-            at = next;
-            if times.len() >= 100_000 {
-                break;
+        let mut at = after;
+        while times.len() < most {
+            match self.next_after(at).filter(|t| *t <= until) {
+                Some(next) => {
+                    times.push(next);
+                    at = next;
+                }
+                None => break,
             }
         }
-        let on_time: Vec<i64> = times
-            .iter()
-            .copied()
-            .filter(|t| now - t < GRACE_MS)
-            .collect();
-        let mut missed_in_window = times
-            .iter()
-            .copied()
-            .filter(|t| now - t >= GRACE_MS && now - t <= self.record.catch_up_window_ms);
-        let mut due: Vec<i64> = match self.catch_up {
-            CatchUp::Skip => on_time,
-            CatchUp::One if !on_time.is_empty() => on_time,
-            CatchUp::One => missed_in_window.next_back().into_iter().collect(),
-            CatchUp::All => missed_in_window.chain(on_time).collect(),
-        };
-        due.truncate(MAX_PER_TICK);
-        due
+        times
+    }
+
+    /// The latest fire time at or before `at`.
+    fn last_at_or_before(&self, at: i64) -> Option<i64> {
+        let start = Utc
+            .timestamp_millis_opt(at)
+            .single()?
+            .with_timezone(&self.zone);
+        let previous = self.cron.find_previous_occurrence(&start, true).ok()?;
+        Some(previous.timestamp_millis())
     }
 }
 
@@ -201,7 +221,14 @@ pub struct Known {
 
 /// The schedules read from the topic, shared with the API.
 #[derive(Clone, Default)]
-pub struct Table(Arc<RwLock<BTreeMap<String, Entry>>>);
+pub struct Table(Arc<RwLock<Entries>>);
+
+#[derive(Default)]
+struct Entries {
+    schedules: BTreeMap<String, Entry>,
+    /// How far schedules not read yet have fired: compaction can leave a `fired/NAME` before its `schedule/NAME`.
+    fired_early: HashMap<String, i64>,
+}
 
 /// A schedule and the last fire time started.
 type Entry = (Checked, Option<i64>);
@@ -211,6 +238,7 @@ impl Table {
         let now = now_millis();
         let table = self.0.read().unwrap_or_else(|e| e.into_inner());
         table
+            .schedules
             .values()
             .map(|(checked, fired)| {
                 let r = &checked.record;
@@ -236,6 +264,7 @@ impl Table {
         self.0
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .schedules
             .contains_key(name)
     }
 }
@@ -328,23 +357,42 @@ async fn apply(
         },
         None => None,
     };
-    let mut table = table.0.write().unwrap_or_else(|e| e.into_inner());
-    if let Some(name) = key.strip_prefix("schedule/") {
-        match decoded.map(check) {
-            Some(Ok(checked)) => {
-                let fired = table.get(name).and_then(|(_, fired)| *fired);
-                table.insert(name.to_string(), (checked, fired));
+    table.apply(key, decoded);
+}
+
+impl Table {
+    /// Applies a decoded record (`None`: a tombstone) of key `key`.
+    fn apply(&self, key: &str, decoded: Option<Schedule>) {
+        let mut table = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(name) = key.strip_prefix("schedule/") {
+            match decoded.map(check) {
+                Some(Ok(checked)) => {
+                    let early = table.fired_early.remove(name);
+                    let known = table.schedules.get(name).and_then(|(_, fired)| *fired);
+                    table
+                        .schedules
+                        .insert(name.to_string(), (checked, known.max(early)));
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(schedule = name, "a stored schedule is refused: {e}")
+                }
+                None => {
+                    table.schedules.remove(name);
+                    table.fired_early.remove(name);
+                }
             }
-            Some(Err(e)) => tracing::warn!(schedule = name, "a stored schedule is refused: {e}"),
-            None => {
-                table.remove(name);
+        } else if let Some(name) = key.strip_prefix("fired/") {
+            let Some(through) = decoded.and_then(|r| r.fired_through) else {
+                table.fired_early.remove(name);
+                return;
+            };
+            match table.schedules.get_mut(name) {
+                Some((_, fired)) => *fired = Some(fired.map_or(through, |f| f.max(through))),
+                None => {
+                    let early = table.fired_early.entry(name.to_string()).or_insert(through);
+                    *early = (*early).max(through);
+                }
             }
-        }
-    } else if let Some(name) = key.strip_prefix("fired/") {
-        if let (Some((_, fired)), Some(through)) =
-            (table.get_mut(name), decoded.and_then(|r| r.fired_through))
-        {
-            *fired = Some(fired.map_or(through, |f| f.max(through)));
         }
     }
 }
@@ -416,6 +464,7 @@ async fn fire_due(client: &Client, table: &Table, partitions: i32, owned: &BTree
     let work: Vec<(Checked, Vec<i64>)> = {
         let table = table.0.read().unwrap_or_else(|e| e.into_inner());
         table
+            .schedules
             .values()
             .filter(|(c, _)| owned.contains(&partition_for(c.record.name.as_bytes(), partitions)))
             .map(|(c, fired)| (c.clone(), c.due(*fired, now)))
@@ -455,7 +504,7 @@ async fn fire_due(client: &Client, table: &Table, partitions: i32, owned: &BTree
             tracing::warn!(schedule = %name, "recording a fire time: {e:#}; it may be started again (once)");
         }
         let mut table = table.0.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, fired)) = table.get_mut(&name) {
+        if let Some((_, fired)) = table.schedules.get_mut(&name) {
             *fired = Some(fired.map_or(through, |f| f.max(through)));
         }
     }
@@ -530,6 +579,49 @@ mod tests {
         let all = schedule("* * * * *", "all", 5 * MIN, created).due(fired, now + 1);
         // 95 min is 5 min and 1 ms before now: out of the window.
         assert_eq!(all, vec![96 * MIN, 97 * MIN, 98 * MIN, 99 * MIN, now]);
+    }
+
+    #[test]
+    fn a_frequent_schedule_long_down_fires_on_time_and_catches_up_boundedly() {
+        let week = 7 * 24 * 60 * MIN;
+        let now = 10 * week;
+        let stopped = now - 2 * 24 * 60 * MIN;
+        let fired = Some(stopped);
+        let skip = schedule("* * * * * *", "skip", week, 0);
+        assert_eq!(
+            skip.due(fired, now).last(),
+            Some(&now),
+            "on time despite two days of misses"
+        );
+        let one = schedule("* * * * * *", "one", week, 0);
+        assert_eq!(
+            one.due(fired, now).first(),
+            Some(&(now - GRACE_MS)),
+            "the latest missed"
+        );
+        let all = schedule("* * * * * *", "all", week, 0);
+        let due = all.due(fired, now);
+        assert_eq!(due.len(), MAX_PER_TICK);
+        assert_eq!(
+            due[0],
+            stopped + 1000,
+            "oldest first, from where it stopped"
+        );
+    }
+
+    #[test]
+    fn progress_read_before_its_schedule_is_kept() {
+        let table = Table::default();
+        let record = schedule("* * * * *", "skip", 0, 0).record;
+        let fired = Schedule {
+            fired_through: Some(42),
+            ..record.clone()
+        };
+        table.apply("fired/nightly", Some(fired));
+        table.apply("schedule/nightly", Some(record));
+        assert_eq!(table.list()[0].fired_through, Some(42));
+        table.apply("schedule/nightly", None);
+        assert!(table.list().is_empty());
     }
 
     #[test]

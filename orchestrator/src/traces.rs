@@ -76,10 +76,16 @@ impl Made<'_> {
         matches!(self, Made::Now(_))
     }
 
-    /// The context the records of workflow `id` are sent below; `root` is the one kept in its state.
+    /// The context the records of workflow `id` are sent below; `root` is the one kept in its state. An input
+    /// of another trace (a signal sent without one, a repeated trigger, a worker that drops headers) does not
+    /// move the workflow to that trace: its records stay below the root.
     pub fn parent(&self, id: &str, root: Option<TraceContext>) -> Option<TraceContext> {
         match self {
-            Made::Now(parents) => parents.get(id).cloned().or(root),
+            Made::Now(parents) => parents
+                .get(id)
+                .filter(|p| root.as_ref().is_none_or(|r| r.trace_id == p.trace_id))
+                .cloned()
+                .or(root),
             Made::Again => root,
         }
     }

@@ -126,6 +126,7 @@ impl Visibility {
         };
         let db = rusqlite::Connection::open(&path)
             .with_context(|| format!("opening the visibility index {}", path.display()))?;
+        db.busy_timeout(Duration::from_secs(5))?;
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
@@ -137,6 +138,7 @@ impl Visibility {
              CREATE INDEX IF NOT EXISTS workflows_by_name ON workflows (name, created_at DESC);
              CREATE INDEX IF NOT EXISTS workflows_by_correlation ON workflows (correlation_id);
              CREATE INDEX IF NOT EXISTS workflows_by_status ON workflows (status, updated_at);
+             CREATE INDEX IF NOT EXISTS workflows_by_status_created ON workflows (status, created_at DESC, id DESC);
              CREATE TABLE IF NOT EXISTS events (
                  event_id TEXT PRIMARY KEY, workflow_id TEXT NOT NULL, kind TEXT NOT NULL, step TEXT,
                  attempt INTEGER, detail TEXT, at INTEGER NOT NULL, seq INTEGER NOT NULL);
@@ -267,10 +269,10 @@ impl Visibility {
             return Ok(None);
         };
         let mut statement = db.prepare(
-            "SELECT event_id, kind, step, attempt, detail, at FROM events WHERE workflow_id = ?1 ORDER BY seq",
+            "SELECT event_id, kind, step, attempt, detail, at FROM events WHERE workflow_id = ?1 ORDER BY seq LIMIT ?2",
         )?;
         let events = statement
-            .query_map(params![id], |row| {
+            .query_map(params![id, MAX_EVENTS_ANSWERED], |row| {
                 let detail: Option<String> = row.get(4)?;
                 Ok(EventRow {
                     event_id: row.get(0)?,
@@ -322,8 +324,9 @@ impl Visibility {
         } else {
             format!("WHERE {}", clauses.join(" AND "))
         };
+        // Without input and output: a page of large payloads would be a large answer; GET by id has them.
         let sql = format!(
-            "SELECT {COLUMNS} FROM workflows {condition} ORDER BY created_at DESC, id DESC LIMIT {}",
+            "SELECT {LIST_COLUMNS} FROM workflows {condition} ORDER BY created_at DESC, id DESC LIMIT {}",
             filter.limit
         );
         let db = self.db();
@@ -348,6 +351,10 @@ impl Visibility {
 
 const COLUMNS: &str =
     "id, name, version, status, input, output, error, correlation_id, created_at, updated_at, running";
+const LIST_COLUMNS: &str =
+    "id, name, version, status, 'null', NULL, error, correlation_id, created_at, updated_at, running";
+/// Most events a read of one workflow answers (the oldest first).
+pub const MAX_EVENTS_ANSWERED: i64 = 1_000;
 
 fn workflow_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<WorkflowRow> {
     let json =
@@ -429,6 +436,7 @@ pub async fn feed(
             }
         }
         let mut changes = Vec::with_capacity(messages.len());
+        let mut unreachable_registry = None;
         let mut positions: std::collections::HashMap<(String, i32), i64> = Default::default();
         for msg in &messages {
             positions.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
@@ -445,16 +453,45 @@ pub async fn feed(
                 (true, Some(payload)) => match codec.decode::<WorkflowState>(Some(payload)).await {
                     Ok(state) if state.workflow_name.starts_with(RESERVED_ID_PREFIX) => {}
                     Ok(state) => changes.push(Change::State(row_of(state))),
+                    Err(e) if e.is_transient() => {
+                        unreachable_registry = Some(e.to_string());
+                        break;
+                    }
                     Err(e) => tracing::debug!(offset, "skipping a state record: {e}"),
                 },
                 (false, Some(payload)) if msg.topic() == events_topic => {
                     match codec.decode::<LifecycleEvent>(Some(payload)).await {
                         Ok(event) => changes.push(Change::Event(key, event, offset)),
+                        Err(e) if e.is_transient() => {
+                            unreachable_registry = Some(e.to_string());
+                            break;
+                        }
                         Err(e) => tracing::debug!(offset, "skipping an event record: {e}"),
                     }
                 }
                 _ => {}
             }
+        }
+        if let Some(e) = unreachable_registry {
+            // Nothing of this batch is applied: each partition is read again from its first record in it.
+            let mut first: std::collections::HashMap<(String, i32), i64> = Default::default();
+            for msg in &messages {
+                first
+                    .entry((msg.topic().to_string(), msg.partition()))
+                    .or_insert(msg.offset());
+            }
+            drop(messages);
+            for ((topic, partition), offset) in first {
+                consumer.seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(10),
+                )?;
+            }
+            tracing::warn!("the visibility index waits for the schema registry: {e}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
         }
         drop(messages);
         if !positions.is_empty() {
@@ -465,7 +502,8 @@ pub async fn feed(
         }
         if last_purge.elapsed() > PURGE_EVERY {
             last_purge = std::time::Instant::now();
-            let cutoff = now_millis() - retention.as_millis() as i64;
+            let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+            let cutoff = now_millis().saturating_sub(retention);
             let index = index.clone();
             match tokio::task::spawn_blocking(move || index.purge(cutoff)).await? {
                 Ok(0) => {}

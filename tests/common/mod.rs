@@ -401,6 +401,9 @@ impl Scrape {
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
+        // A connection per request: a pooled one the server is closing fails the next request on it (a race of
+        // keep-alive, not of edow).
+        .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()

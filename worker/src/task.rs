@@ -303,7 +303,8 @@ fn count_run(request: &TaskRequested, result: &TaskResult) {
         TASK_TYPES,
     };
     let task_type = TASK_TYPES.bounded(&request.task_type);
-    let seconds = |from: i64, to: i64| (to - from).max(0) as f64 / 1000.0;
+    // `requested_at` comes from the record: any value, so no plain subtraction.
+    let seconds = |from: i64, to: i64| to.saturating_sub(from).max(0) as f64 / 1000.0;
     TASK_SCHEDULE_TO_START
         .with_label_values(&[&task_type])
         .observe(seconds(request.requested_at, result.started_at));

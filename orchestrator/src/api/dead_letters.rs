@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{parse_body, Api, ApiError};
-use crate::dlq::{Position, Selection, MAX_SELECTED};
+use crate::dlq::{Position, Selection, MAX_LISTED, MAX_SELECTED};
 
 const DEFAULT_LIMIT: usize = 100;
 
@@ -31,8 +31,8 @@ pub async fn list(
         Some(limit) => limit
             .parse::<usize>()
             .ok()
-            .filter(|l| (1..=MAX_SELECTED).contains(l))
-            .ok_or_else(|| ApiError::bad("limit", format!("a number from 1 to {MAX_SELECTED}")))?,
+            .filter(|l| (1..=MAX_LISTED).contains(l))
+            .ok_or_else(|| ApiError::bad("limit", format!("a number from 1 to {MAX_LISTED}")))?,
         None => DEFAULT_LIMIT,
     };
     let origins = match query.get("topic") {
@@ -46,13 +46,7 @@ pub async fn list(
             positions: None,
             limit: limit - found.len(),
         };
-        found.extend(
-            api.client
-                .dead_letters(&origin, &selection)
-                .await?
-                .into_iter()
-                .map(|(s, _)| s),
-        );
+        found.extend(api.client.dead_letters(&origin, &selection).await?);
         if found.len() >= limit {
             break;
         }

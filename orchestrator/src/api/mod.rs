@@ -66,11 +66,43 @@ pub fn routes(api: Api) -> Router {
                 "no such endpoint; see /v1/openapi.json",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                "this endpoint does not take that method; see /v1/openapi.json",
+            )
+        })
+        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(api)
 }
 
 const OPENAPI: &str = include_str!("openapi.json");
+
+/// Turns the plain-text refusals of axum's own extractors (a path or query that does not parse, a body over the
+/// limit) into the API's JSON errors.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let message = String::from_utf8_lossy(&body).trim().to_string();
+    let field = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "body"
+    } else {
+        "request"
+    };
+    ApiError::new(status, field, message).into_response()
+}
 
 async fn openapi() -> Response {
     ([("content-type", "application/json")], OPENAPI).into_response()
