@@ -20,6 +20,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 mod bench;
 mod dlq;
 mod load;
+mod schedule;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "edow: a Kafka-native workflow orchestrator")]
@@ -146,6 +147,9 @@ enum Command {
     /// Dead letters: list, show, replay.
     #[command(subcommand)]
     Dlq(dlq::Dlq),
+    /// Cron schedules: create, list, delete.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
     /// Print an instance's lifecycle events as they happen, until it ends.
     Watch {
         id: String,
@@ -262,6 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq(command) => dlq::run(&client, command).await,
+        Command::Schedule(command) => schedule::run(&client, command).await,
         Command::Status { id } => status(&kafka, &codec, &topics, &id).await,
         Command::Watch { id, timeout } => {
             watch(&kafka, &codec, &topics, &id, Duration::from_secs(timeout)).await

@@ -80,6 +80,21 @@ async fn a_seconds_schedule_starts_one_instance_per_fire_time_across_two_instanc
         .unwrap();
     assert_eq!(listed["schedules"][0]["name"], "tick", "{listed}");
     assert!(listed["schedules"][0]["fired_through"].is_i64(), "{listed}");
+    // The CLI sees the same schedules, and refuses a bad one naming the field.
+    let (ok, out, err) = cluster.cli(&["schedule", "list", "--output", "json"]);
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed[0]["name"], "tick", "{out}");
+    let (ok, _, err) = cluster.cli(&[
+        "schedule",
+        "create",
+        "late",
+        "--workflow",
+        "ticked",
+        "--cron",
+        "* * *",
+    ]);
+    assert!(!ok && err.contains("cron: 3 fields"), "{err}");
     let deleted = client
         .delete(format!("http://{b}/v1/schedules/tick"))
         .send()
