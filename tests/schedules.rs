@@ -145,4 +145,43 @@ async fn a_seconds_schedule_starts_one_instance_per_fire_time_across_two_instanc
         after <= before + 1,
         "still firing after delete: {before} then {after}"
     );
+
+    // A schedule declared by a definition: stored on deploy, fires, leaves with a version that drops it.
+    let declared = "name: declared\nschedule: { cron: '*/2 * * * * *', input: { by: definition } }\nsteps:\n  - { name: only, task: tick.echo }\n";
+    cluster.deploy(declared);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        events.drain(Duration::from_millis(500)).await;
+        let started = events
+            .seen
+            .iter()
+            .filter(|e| {
+                e.kind == LifecycleKind::WorkflowStarted && e.workflow_id.starts_with("declared@")
+            })
+            .count();
+        if started >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the declared schedule did not fire"
+        );
+    }
+    cluster.deploy("name: declared\nsteps:\n  - { name: only, task: tick.echo }\n");
+    let (ok, out, err) = cluster.cli(&["schedule", "list", "--output", "json"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "[]",
+        "the version without a schedule removed it"
+    );
+    let file = std::env::temp_dir().join(format!("bad-schedule-{}.yaml", std::process::id()));
+    std::fs::write(
+        &file,
+        "name: badly\nschedule: { cron: '* * *' }\nsteps:\n  - { name: only, task: tick.echo }\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cluster.cli(&["deploy", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    assert!(!ok && err.contains("schedule.cron"), "{err}");
 }

@@ -34,7 +34,30 @@ pub struct Definition {
     pub max_child_depth: u32,
     /// How a webhook's body names the instance it starts.
     pub hook: Option<Hook>,
+    /// When the orchestrator starts instances by itself.
+    pub schedule: Option<DefinitionSchedule>,
+    /// The schedule's catch-up window, parsed.
+    pub schedule_window: Option<Duration>,
     by_name: BTreeMap<String, Step>,
+}
+
+/// A schedule declared by a definition (`schedule:`): the orchestrator starts the workflow's latest version at
+/// each fire time of `cron`. Checked here for shape; the cron text and the zone are checked at deploy.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefinitionSchedule {
+    /// 5 fields, or 6 with seconds first.
+    pub cron: String,
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    #[serde(default)]
+    pub input: Option<serde_json::Value>,
+    /// skip (default), one or all.
+    #[serde(default)]
+    pub catch_up: Option<String>,
+    /// How far back missed fire times are caught up (default 1h).
+    #[serde(default)]
+    pub window: Option<String>,
 }
 
 /// A webhook's settings (`hook:`): `id` is an expression over `{body, headers}` whose value (a string or a
@@ -265,6 +288,8 @@ struct RawDefinition {
     output: Option<String>,
     #[serde(default)]
     hook: Option<Hook>,
+    #[serde(default)]
+    schedule: Option<DefinitionSchedule>,
     steps: Vec<RawStep>,
 }
 
@@ -897,6 +922,10 @@ impl Definition {
                 ));
             }
         }
+        let schedule_window = match raw.schedule.as_ref().and_then(|s| s.window.as_deref()) {
+            Some(text) => Some(parse(text).map_err(|m| fail("schedule.window".into(), m))?),
+            None => None,
+        };
         for (field, name) in &builder.references {
             if !builder.names.contains_key(name) {
                 return Err(fail(
@@ -918,6 +947,8 @@ impl Definition {
             max_payload_bytes: limits.max_payload_bytes,
             max_child_depth: limits.max_child_depth,
             hook: raw.hook,
+            schedule: raw.schedule,
+            schedule_window,
             by_name,
         })
     }

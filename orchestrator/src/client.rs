@@ -199,6 +199,11 @@ impl Client {
     ) -> Result<Deployed, ClientError> {
         let definition = Definition::parse(label, source)
             .map_err(|e| ClientError::invalid("definition", format!("{e:#}")))?;
+        // Checked before anything is published: a definition is deployed with a schedule that works or not at all.
+        let schedule = match &definition.schedule {
+            Some(declared) => Some(crate::schedules::of_definition(&definition, declared)?),
+            None => None,
+        };
         let topic = self.topics.definitions();
         self.kafka
             .ensure_topics(&[TopicSpec::new(topic.clone(), 1, self.replication_factor).compacted()])
@@ -249,6 +254,7 @@ impl Client {
             let ours = written.first().map(|(_, offset)| *offset).unwrap_or(-1);
             let after = DeployedCatalog::read(&self.kafka, &self.codec, &topic).await?;
             if after.first_offset(&definition.name, version) == Some(ours) {
+                self.deploy_schedule(&definition.name, schedule).await?;
                 return Ok(Deployed {
                     name: definition.name,
                     version,

@@ -269,6 +269,67 @@ impl Table {
     }
 }
 
+/// The schedule a definition declares, named after it, checked (its fields named `schedule.<field>`).
+pub fn of_definition(
+    definition: &edow_engine::Definition,
+    declared: &edow_engine::definition::DefinitionSchedule,
+) -> Result<Schedule, ClientError> {
+    let record = Schedule {
+        name: definition.name.clone(),
+        workflow_name: definition.name.clone(),
+        workflow_version: None,
+        cron: declared.cron.clone(),
+        time_zone: declared.time_zone.clone().unwrap_or_else(|| "UTC".into()),
+        input: declared
+            .input
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({}))
+            .to_string(),
+        catch_up: declared.catch_up.clone().unwrap_or_else(|| "skip".into()),
+        catch_up_window_ms: definition.schedule_window.map_or(3_600_000, |w| {
+            i64::try_from(w.as_millis()).unwrap_or(i64::MAX)
+        }),
+        source: "definition".into(),
+        created_at: now_millis(),
+        fired_through: None,
+    };
+    match check(record) {
+        Ok(checked) => Ok(checked.record),
+        Err(ClientError::Invalid { field, message }) => {
+            Err(ClientError::invalid(&format!("schedule.{field}"), message))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl Client {
+    /// After a deploy of `name`: stores the schedule it declares, or removes the one an earlier version
+    /// declared.
+    pub(crate) async fn deploy_schedule(
+        &self,
+        name: &str,
+        schedule: Option<Schedule>,
+    ) -> Result<(), ClientError> {
+        match schedule {
+            Some(record) => {
+                self.put_schedule(record).await?;
+            }
+            None => {
+                let declared = self
+                    .schedules()
+                    .await?
+                    .list()
+                    .into_iter()
+                    .any(|s| s.name == name && s.source == "definition");
+                if declared {
+                    self.delete_schedule(name).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn schedule_key(name: &str) -> String {
     format!("schedule/{name}")
 }
