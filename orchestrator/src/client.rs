@@ -215,6 +215,8 @@ impl Client {
             catalog.refuse_cycles(&definition)?;
             if let Some((version, latest)) = catalog.latest(&definition.name) {
                 if latest == source {
+                    // A retry after a deploy whose schedule write failed: the schedule is written again.
+                    self.deploy_schedule(&definition.name, schedule).await?;
                     return Ok(Deployed {
                         name: definition.name,
                         version,

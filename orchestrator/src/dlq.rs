@@ -434,8 +434,11 @@ impl Scan {
                         continue;
                     }
                 }
-                let Ok(letter) = client.codec.decode::<DeadLetter>(record.payload()).await else {
-                    continue;
+                let letter = match client.codec.decode::<DeadLetter>(record.payload()).await {
+                    Ok(letter) => letter,
+                    // Not a dead letter edow wrote: nothing to list or replay.
+                    Err(e) if !e.is_transient() => continue,
+                    Err(e) => return Err(ClientError::Unavailable(e.into())),
                 };
                 if self
                     .reason

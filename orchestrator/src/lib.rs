@@ -286,18 +286,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     let schedule_table = schedules::Table::default();
     let (owned_partitions, owned) = tokio::sync::watch::channel(BTreeSet::new());
-    let scheduler = schedules::run(
-        client.clone(),
-        schedule_table.clone(),
-        config.partitions,
-        owned,
-        stopped(stop_listener.clone()),
-    );
-    tokio::spawn(async move {
-        if let Err(e) = scheduler.await {
-            tracing::error!("the scheduler stopped: {e:#}; schedules fire again after a restart");
-        }
-    });
+    {
+        let (client, table, partitions, stop) = (
+            client.clone(),
+            schedule_table.clone(),
+            config.partitions,
+            stop_listener.clone(),
+        );
+        tokio::spawn(async move {
+            // An error (the topic not creatable yet, the broker away) stops one run; the next reads again.
+            loop {
+                let run = schedules::run(
+                    client.clone(),
+                    table.clone(),
+                    partitions,
+                    owned.clone(),
+                    stopped(stop.clone()),
+                );
+                match run.await {
+                    Ok(()) => return,
+                    Err(e) => tracing::error!("the scheduler stopped: {e:#}; restarting it in 5 s"),
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+    }
     if let Some(addr) = config.http_addr {
         let api = serve_api(&config, &client, &schedule_table, stop_listener.clone())?;
         let mut stop = stop_listener.clone();

@@ -24,8 +24,9 @@ use serde::Serialize;
 
 use crate::client::{Client, ClientError, StartRequest};
 
-/// A fire time younger than this is on time, not missed, whatever the catch-up policy.
-pub const GRACE_MS: i64 = 10_000;
+/// A fire time younger than this is on time, not missed, whatever the catch-up policy: it covers a rebalance
+/// (the new owner restores before it fires) and a slow broker.
+pub const GRACE_MS: i64 = 60_000;
 /// Most fire times one schedule starts per tick.
 const MAX_PER_TICK: usize = 1_000;
 /// How often due fire times are looked for.
@@ -66,6 +67,9 @@ pub fn check(record: Schedule) -> Result<Checked, ClientError> {
             "name",
             "1 to 200 letters, digits, '-', '_' or '.'",
         ));
+    }
+    if record.workflow_version.is_some_and(|v| v < 1) {
+        return Err(ClientError::invalid("version", "versions start at 1"));
     }
     if record.workflow_name.trim().is_empty() {
         return Err(ClientError::invalid(
@@ -142,7 +146,9 @@ impl Checked {
     /// [`MAX_PER_TICK`] per call (the rest at the next).
     pub fn due(&self, fired_through: Option<i64>, now: i64) -> Vec<i64> {
         // Never before the schedule existed, nor again what was started.
-        let after = fired_through.unwrap_or(self.record.created_at.saturating_sub(1));
+        // Progress from before the schedule was (re)made does not count: its fire times start at its creation.
+        let created = self.record.created_at.saturating_sub(1);
+        let after = fired_through.map_or(created, |f| f.max(created));
         let window_start = now.saturating_sub(self.record.catch_up_window_ms);
         let on_time_start = now.saturating_sub(GRACE_MS);
         let mut due = match self.catch_up {
@@ -391,34 +397,39 @@ impl Client {
         let mut chunks = self.kafka.stream_to_end(&topic, 0, Offset::Beginning, 500);
         while let Some(chunk) = chunks.recv().await {
             for record in chunk? {
-                apply(&table, &self.codec, record.key(), record.payload()).await;
+                apply(&table, &self.codec, record.key(), record.payload())
+                    .await
+                    .map_err(|e| ClientError::Unavailable(e.into()))?;
             }
         }
         Ok(table)
     }
 }
 
-/// Applies one record of the schedules topic to `table`.
+/// Applies one record of the schedules topic to `table`; `Err` when the registry could not be reached, and the
+/// record must be read again.
 async fn apply(
     table: &Table,
     codec: &edow_schemas::Codec,
     key: Option<&[u8]>,
     value: Option<&[u8]>,
-) {
+) -> Result<(), edow_schemas::CodecError> {
     let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
-        return;
+        return Ok(());
     };
     let decoded = match value {
         Some(_) => match codec.decode::<Schedule>(value).await {
             Ok(record) => Some(record),
+            Err(e) if e.is_transient() => return Err(e),
             Err(e) => {
                 tracing::warn!(key, "skipping a schedules record: {e}");
-                return;
+                return Ok(());
             }
         },
         None => None,
     };
     table.apply(key, decoded);
+    Ok(())
 }
 
 impl Table {
@@ -426,6 +437,13 @@ impl Table {
     fn apply(&self, key: &str, decoded: Option<Schedule>) {
         let mut table = self.0.write().unwrap_or_else(|e| e.into_inner());
         if let Some(name) = key.strip_prefix("schedule/") {
+            if decoded.as_ref().is_some_and(|r| r.name != name) {
+                tracing::warn!(
+                    key,
+                    "a schedule record names another schedule than its key; refused"
+                );
+                return;
+            }
             match decoded.map(check) {
                 Some(Ok(checked)) => {
                     let early = table.fired_early.remove(name);
@@ -435,8 +453,11 @@ impl Table {
                         .insert(name.to_string(), (checked, known.max(early)));
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(schedule = name, "a stored schedule is refused: {e}")
+                    // Not the old one either: the schedule as stored is this one, and it cannot fire.
+                    tracing::warn!(schedule = name, "a stored schedule is refused: {e}");
+                    table.schedules.remove(name);
                 }
+
                 None => {
                     table.schedules.remove(name);
                     table.fired_early.remove(name);
@@ -502,8 +523,16 @@ pub async fn run(
             _ = &mut stop => return Ok(()),
             received = consumer.recv() => match received {
                 Ok(record) => {
+                    if let Err(e) = apply(&table, &client.codec, record.key(), record.payload()).await {
+                        // Read again once the registry answers: a schedule skipped here would never fire here.
+                        tracing::warn!("reading schedules waits for the schema registry: {e}");
+                        let offset = record.offset();
+                        drop(record);
+                        consumer.seek(&topic, 0, Offset::Offset(offset), Duration::ZERO)?;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
                     read_to = record.offset() + 1;
-                    apply(&table, &client.codec, record.key(), record.payload()).await;
                 }
                 Err(e) => tracing::warn!("reading schedules: {e}"),
             },
@@ -633,9 +662,10 @@ mod tests {
         let now = 100 * MIN;
         let fired = Some(10 * MIN);
         assert!(schedule("* * * * *", "skip", 60 * MIN, created).due(fired, now + 1) == vec![now]);
+        // The latest missed (98 min: over a minute late), and the one on time.
         assert_eq!(
             schedule("* * * * *", "one", 60 * MIN, created).due(fired, now - 30_000),
-            vec![99 * MIN]
+            vec![98 * MIN, 99 * MIN]
         );
         let all = schedule("* * * * *", "all", 5 * MIN, created).due(fired, now + 1);
         // 95 min is 5 min and 1 ms before now: out of the window.

@@ -482,12 +482,7 @@ pub async fn feed(
             }
             drop(messages);
             for ((topic, partition), offset) in first {
-                consumer.seek(
-                    &topic,
-                    partition,
-                    Offset::Offset(offset),
-                    Duration::from_secs(10),
-                )?;
+                consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO)?;
             }
             tracing::warn!("the visibility index waits for the schema registry: {e}");
             tokio::time::sleep(Duration::from_secs(1)).await;
