@@ -46,16 +46,7 @@ stop_started() {
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
-  # http_get PORT PATH: the body of GET http://127.0.0.1:PORT/PATH, with bash alone (no curl on a bare machine).
-http_get() {
-  local port=$1 path=$2
-  exec 3<>"/dev/tcp/127.0.0.1/$port"
-  printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$path" >&3
-  sed '1,/^\r$/d' <&3
-  exec 3<&-
-}
-
-STARTED_PIDS=()
+  STARTED_PIDS=()
 }
 
 remember_pid() { STARTED_PIDS+=("$1"); }
