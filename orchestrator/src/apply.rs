@@ -21,10 +21,7 @@ use serde_json::Value;
 
 use crate::decode::Input;
 use crate::partition::{Early, EarlySignal, Outbox, Persisted};
-use crate::{
-    BatchOutput, Orchestrator, DEPTH_ATTRIBUTE, MAX_WORKFLOW_ID_BYTES, PARENT_ATTRIBUTE,
-    RESERVED_ID_PREFIX,
-};
+use crate::{BatchOutput, Orchestrator, DEPTH_ATTRIBUTE, MAX_WORKFLOW_ID_BYTES, PARENT_ATTRIBUTE};
 
 /// How long a due timer waits before it is tried again when its definition is missing or its state unreadable.
 const TIMER_RETRY_MS: i64 = 60_000;
@@ -582,17 +579,13 @@ fn parent_of(trigger: &WorkflowTrigger) -> Result<Option<String>, Reason> {
 
 /// Refuses a workflow id that is empty, too long, or one of edow's own changelog keys.
 fn check_workflow_id(what: &str, id: &str) -> Result<(), Reason> {
-    if id.is_empty() || id.len() > MAX_WORKFLOW_ID_BYTES || id.starts_with(RESERVED_ID_PREFIX) {
-        return Err(Reason::new(
+    match crate::workflow_id_problem(id) {
+        Some(problem) => Err(Reason::new(
             "invalid",
-            format!(
-                "{what}'s workflow_id must be 1 to {MAX_WORKFLOW_ID_BYTES} bytes and not start with \
-                 '{RESERVED_ID_PREFIX}'; got {} bytes",
-                id.len()
-            ),
-        ));
+            format!("{what}'s workflow_id {problem}"),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Refuses an id-like field longer than a workflow id may be.

@@ -15,8 +15,6 @@ use edow_telemetry::trace::TraceContext;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset};
 
-use crate::{MAX_WORKFLOW_ID_BYTES, RESERVED_ID_PREFIX};
-
 /// Why a request was not carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -321,25 +319,10 @@ fn check_text(field: &str, text: &str) -> Result<(), ClientError> {
 }
 
 fn check_workflow_id(field: &str, id: &str) -> Result<(), ClientError> {
-    if id.is_empty() {
-        return Err(ClientError::invalid(field, "must not be empty"));
+    match crate::workflow_id_problem(id) {
+        Some(problem) => Err(ClientError::invalid(field, problem)),
+        None => Ok(()),
     }
-    if id.len() > MAX_WORKFLOW_ID_BYTES {
-        return Err(ClientError::invalid(
-            field,
-            format!(
-                "{} bytes, over the limit of {MAX_WORKFLOW_ID_BYTES}",
-                id.len()
-            ),
-        ));
-    }
-    if id.starts_with(RESERVED_ID_PREFIX) {
-        return Err(ClientError::invalid(
-            field,
-            format!("ids starting with {RESERVED_ID_PREFIX} are edow's own"),
-        ));
-    }
-    Ok(())
 }
 
 /// What the definitions topic holds, first record of each key winning, as the orchestrators read it.
@@ -467,6 +450,7 @@ fn find_cycle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MAX_WORKFLOW_ID_BYTES;
 
     #[test]
     fn ids_from_one_idempotency_key_agree() {

@@ -77,6 +77,17 @@ pub const RESERVED_ID_PREFIX: &str = "__edow.";
 /// Longest workflow id accepted, in bytes: ids become keys, task ids and event ids.
 pub const MAX_WORKFLOW_ID_BYTES: usize = 512;
 
+/// What is wrong with `id` as a workflow id, if anything: the one rule for ids from records and from requests.
+pub fn workflow_id_problem(id: &str) -> Option<String> {
+    if id.is_empty() || id.len() > MAX_WORKFLOW_ID_BYTES || id.starts_with(RESERVED_ID_PREFIX) {
+        return Some(format!(
+            "must be 1 to {MAX_WORKFLOW_ID_BYTES} bytes and not start with '{RESERVED_ID_PREFIX}'; got {} bytes",
+            id.len()
+        ));
+    }
+    None
+}
+
 /// How the orchestrator reaches Kafka and the registry, and the shape of its topics.
 #[derive(Debug, Clone)]
 pub struct Config {
