@@ -3,7 +3,7 @@
 
 use anyhow::bail;
 use edow_orchestrator::client::Client;
-use edow_orchestrator::dlq::{Position, Selection, MAX_LISTED, MAX_SELECTED};
+use edow_orchestrator::dlq::{Position, Selection, MAX_SELECTED};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Dlq {
@@ -78,23 +78,9 @@ pub async fn run(client: &Client, command: Dlq) -> anyhow::Result<()> {
             limit,
             output,
         } => {
-            let origins = match topic {
-                Some(topic) => vec![topic],
-                None => client.dead_letter_topics().await?,
-            };
-            let limit = limit.clamp(1, MAX_LISTED);
-            let mut found = Vec::new();
-            for origin in origins {
-                let selection = Selection {
-                    reason: reason.clone(),
-                    positions: None,
-                    limit: limit - found.len(),
-                };
-                found.extend(client.dead_letters(&origin, &selection).await?);
-                if found.len() >= limit {
-                    break;
-                }
-            }
+            let found = client
+                .dead_letters_of(topic.as_deref(), reason.as_deref(), limit)
+                .await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&found)?),
                 Output::Text => {

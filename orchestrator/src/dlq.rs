@@ -112,6 +112,34 @@ impl Client {
         Ok(found)
     }
 
+    /// Summaries of dead letters of `origin`, or of every topic with dead letters when `None`, with `reason` if
+    /// given, oldest first per topic, at most `limit` (up to [`MAX_LISTED`]).
+    pub async fn dead_letters_of(
+        &self,
+        origin: Option<&str>,
+        reason: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Summary>, ClientError> {
+        let origins = match origin {
+            Some(origin) => vec![origin.to_string()],
+            None => self.dead_letter_topics().await?,
+        };
+        let limit = limit.clamp(1, MAX_LISTED);
+        let mut found = Vec::new();
+        for origin in origins {
+            let selection = Selection {
+                reason: reason.map(str::to_string),
+                positions: None,
+                limit: limit - found.len(),
+            };
+            found.extend(self.dead_letters(&origin, &selection).await?);
+            if found.len() >= limit {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
     /// A reader of the dead letters of `origin` matching `selection`, oldest first per partition, a chunk at a
     /// time (memory holds one chunk).
     async fn scan(&self, origin: &str, selection: &Selection) -> Result<Scan, ClientError> {

@@ -10,7 +10,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{parse_body, Api, ApiError};
+use super::{limit_param, only_params, parse_body, Api, ApiError};
 use crate::dlq::{Position, Selection, MAX_LISTED, MAX_SELECTED};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -20,37 +20,16 @@ pub async fn list(
     State(api): State<Api>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let known = ["topic", "reason", "limit"];
-    if let Some(unknown) = query.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(ApiError::bad(
-            unknown,
-            format!("unknown parameter; use {}", known.join(", ")),
-        ));
-    }
-    let limit = match query.get("limit") {
-        Some(limit) => limit
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=MAX_LISTED).contains(l))
-            .ok_or_else(|| ApiError::bad("limit", format!("a number from 1 to {MAX_LISTED}")))?,
-        None => DEFAULT_LIMIT,
-    };
-    let origins = match query.get("topic") {
-        Some(topic) => vec![topic.clone()],
-        None => api.client.dead_letter_topics().await?,
-    };
-    let mut found = Vec::new();
-    for origin in origins {
-        let selection = Selection {
-            reason: query.get("reason").cloned(),
-            positions: None,
-            limit: limit - found.len(),
-        };
-        found.extend(api.client.dead_letters(&origin, &selection).await?);
-        if found.len() >= limit {
-            break;
-        }
-    }
+    only_params(&query, &["topic", "reason", "limit"])?;
+    let limit = limit_param(&query, MAX_LISTED, DEFAULT_LIMIT)?;
+    let found = api
+        .client
+        .dead_letters_of(
+            query.get("topic").map(String::as_str),
+            query.get("reason").map(String::as_str),
+            limit,
+        )
+        .await?;
     Ok(Json(json!({"dead_letters": found})).into_response())
 }
 

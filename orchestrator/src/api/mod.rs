@@ -9,6 +9,8 @@ mod hooks;
 mod schedules;
 mod workflows;
 
+use std::collections::HashMap;
+
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -167,6 +169,33 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad("body", format!("not the JSON expected: {e}")))
+}
+
+/// Refuses a query parameter other than `known`, naming it.
+pub fn only_params(query: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match query.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::bad(
+            unknown,
+            format!("unknown parameter; use {}", known.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The `limit` parameter: 1 to `max`, `default` when absent.
+pub fn limit_param(
+    query: &HashMap<String, String>,
+    max: usize,
+    default: usize,
+) -> Result<usize, ApiError> {
+    match query.get("limit") {
+        Some(limit) => limit
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| ApiError::bad("limit", format!("a number from 1 to {max}"))),
+        None => Ok(default),
+    }
 }
 
 /// The caller's trace context from its `traceparent`/`tracestate` headers, if valid.

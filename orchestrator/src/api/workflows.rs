@@ -12,7 +12,9 @@ use edow_schemas::contracts::SignalKind;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{blocking, parse_body, path_segment, trace_of, Api, ApiError};
+use super::{
+    blocking, limit_param, only_params, parse_body, path_segment, trace_of, Api, ApiError,
+};
 use crate::client::StartRequest;
 use crate::visibility::{Filter, STATUSES};
 
@@ -88,21 +90,18 @@ pub async fn list(
     State(api): State<Api>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let known = [
-        "name",
-        "status",
-        "correlation_id",
-        "from",
-        "to",
-        "cursor",
-        "limit",
-    ];
-    if let Some(unknown) = query.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(ApiError::bad(
-            unknown,
-            format!("unknown parameter; use {}", known.join(", ")),
-        ));
-    }
+    only_params(
+        &query,
+        &[
+            "name",
+            "status",
+            "correlation_id",
+            "from",
+            "to",
+            "cursor",
+            "limit",
+        ],
+    )?;
     let status = match query.get("status") {
         Some(status) => Some(
             STATUSES
@@ -113,14 +112,7 @@ pub async fn list(
         ),
         None => None,
     };
-    let limit = match query.get("limit") {
-        Some(limit) => limit
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=MAX_PAGE).contains(l))
-            .ok_or_else(|| ApiError::bad("limit", format!("a number from 1 to {MAX_PAGE}")))?,
-        None => DEFAULT_PAGE,
-    };
+    let limit = limit_param(&query, MAX_PAGE, DEFAULT_PAGE)?;
     let filter = Filter {
         name: query.get("name").cloned(),
         status,
