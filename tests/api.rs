@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{http_client, Cluster};
+use common::{http_client, wait_ready, Cluster};
 use edow_testkit::free_port;
 use serde_json::{json, Value};
 
@@ -105,17 +105,8 @@ async fn the_api_drives_and_reads_workflows_from_any_instance() {
     let _second = cluster.orchestrator_with(&["--http-addr", &b]);
     let _worker = cluster.worker("api", &["api.echo=echo"], 8);
     let (api, other) = (Api::new(&a), Api::new(&b));
-    for api in [&api, &other] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready = api.client.get(format!("{}/readyz", api.base)).send().await;
-            if ready.is_ok_and(|r| r.status() == 200) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{} never ready", api.base);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    wait_ready(&a).await;
+    wait_ready(&b).await;
 
     // Deploy through the API; the same text again is no new version; a bad definition names what is wrong.
     let (status, deployed) = api.post_text("/v1/definitions", APPROVAL).await;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ended, http_client, Cluster, Scrape, PARTITIONS};
+use common::{ended, http_client, wait_ready, Cluster, Scrape, PARTITIONS};
 use edow_testkit::free_port;
 use serde_json::json;
 
@@ -250,26 +250,6 @@ async fn a_taken_listener_address_stops_the_start_with_a_clear_error() {
         log.contains(&format!("binding the http listener to {addr}")),
         "{log}"
     );
-}
-
-/// Waits until `/readyz` answers 200 (the first assignment restored); it must answer 503 or 200 meanwhile.
-async fn wait_ready(addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(response) = http_client()
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-        {
-            match response.status().as_u16() {
-                200 => return,
-                503 => {}
-                other => panic!("/readyz answered {other}"),
-            }
-        }
-        assert!(Instant::now() < deadline, "{addr} never became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Scrapes `addr` until `done` holds; panics with the last scrape after 30 s.

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{http_client, Cluster};
+use common::{http_client, wait_ready, Cluster};
 use edow_schemas::contracts::LifecycleKind;
 use edow_testkit::free_port;
 use serde_json::{json, Value};
@@ -30,18 +30,8 @@ async fn a_seconds_schedule_starts_one_instance_per_fire_time_across_two_instanc
     let _worker = cluster.worker("ticker", &["tick.echo=echo"], 8);
     cluster.deploy(TICKED);
     let client = http_client();
-    for addr in [&a, &b] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !client
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            assert!(Instant::now() < deadline, "{addr} never ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    wait_ready(&a).await;
+    wait_ready(&b).await;
 
     let refused: Value = client
         .post(format!("http://{a}/v1/schedules"))

@@ -408,3 +408,23 @@ pub fn http_client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// Waits until `/readyz` answers 200 (the first assignment restored); it must answer 503 or 200 meanwhile.
+pub async fn wait_ready(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = http_client()
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+        {
+            match response.status().as_u16() {
+                200 => return,
+                503 => {}
+                other => panic!("/readyz answered {other}"),
+            }
+        }
+        assert!(Instant::now() < deadline, "{addr} never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
