@@ -206,26 +206,17 @@ fn serve_api(
         config.topics.clone(),
     );
     let (partitions, retention) = (config.partitions, config.visibility_retention);
-    tokio::spawn(async move {
-        // An error (a full disk, a broker gone for long) stops one run; the next resumes from the stored positions.
-        loop {
-            let feeder = visibility::feed(
-                index.clone(),
-                kafka.clone(),
-                codec.clone(),
-                topics.clone(),
-                partitions,
-                retention,
-                stopped(stop.clone()),
-            );
-            match feeder.await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::error!("the visibility index stopped: {e:#}; restarting it in 5 s")
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
+    // An error (a full disk, a broker gone for long) stops one run; the next resumes from the stored positions.
+    keep_running("the visibility index", move || {
+        visibility::feed(
+            index.clone(),
+            kafka.clone(),
+            codec.clone(),
+            topics.clone(),
+            partitions,
+            retention,
+            stopped(stop.clone()),
+        )
     });
     Ok(api::Api {
         client: client.clone(),
@@ -233,6 +224,23 @@ fn serve_api(
         hooks: Default::default(),
         schedules: schedules.clone(),
     })
+}
+
+/// Runs the task `start` makes until it ends well (it was stopped), starting it again 5 s after each error.
+fn keep_running<F, Fut>(what: &'static str, mut start: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match start().await {
+                Ok(()) => return,
+                Err(e) => tracing::error!("{what} stopped: {e:#}; restarting it in 5 s"),
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
 }
 
 /// Resolves when `stop`'s sender is dropped (when `run` returns).
@@ -304,36 +312,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             config.partitions,
             stop_listener.clone(),
         );
-        tokio::spawn(async move {
-            // An error (the topic not creatable yet, the broker away) stops one run; the next reads again.
-            loop {
-                let run = schedules::run(
-                    client.clone(),
-                    table.clone(),
-                    partitions,
-                    owned.clone(),
-                    stopped(stop.clone()),
-                );
-                match run.await {
-                    Ok(()) => return,
-                    Err(e) => tracing::error!("the scheduler stopped: {e:#}; restarting it in 5 s"),
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
+        // An error (the topic not creatable yet, the broker away) stops one run; the next reads again.
+        keep_running("the scheduler", move || {
+            schedules::run(
+                client.clone(),
+                table.clone(),
+                partitions,
+                owned.clone(),
+                stopped(stop.clone()),
+            )
         });
     }
     if let Some(addr) = config.http_addr {
         let api = serve_api(&config, &client, &schedule_table, stop_listener.clone())?;
-        let mut stop = stop_listener.clone();
-        edow_telemetry::http::serve(
-            addr,
-            http::router(readiness.clone(), api),
-            "http",
-            async move {
-                let _ = stop.changed().await;
-            },
-        )
-        .await?;
+        let router = http::router(readiness.clone(), api);
+        edow_telemetry::http::serve(addr, router, "http", stopped(stop_listener.clone())).await?;
     }
     let consumer: InputConsumer = config
         .kafka
