@@ -5,6 +5,8 @@ use anyhow::bail;
 use edow_orchestrator::client::Client;
 use edow_orchestrator::dlq::{Position, Selection, MAX_SELECTED};
 
+use crate::output::Output;
+
 #[derive(clap::Subcommand, Debug)]
 pub enum Dlq {
     /// List dead letters, oldest first: origin topic, position, reason and error.
@@ -48,12 +50,6 @@ pub enum Dlq {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    Text,
-    Json,
 }
 
 fn parse_position(text: &str) -> Result<Position, String> {

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use edow_kafka::murmur2::partition_for;
 use edow_kafka::{now_millis, Kafka};
 use edow_orchestrator::client::{Client, StartRequest};
-use edow_schemas::contracts::{fixed_topic_contracts, LifecycleEvent, SignalKind, WorkflowState};
+use edow_schemas::contracts::{fixed_topic_contracts, LifecycleEvent, SignalKind};
 use edow_schemas::topics::value_subject;
 use edow_schemas::{Codec, Topics};
 use edow_telemetry::trace::TraceContext;
@@ -20,7 +20,11 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 mod bench;
 mod dlq;
 mod load;
+mod output;
 mod schedule;
+mod workflows;
+
+use output::Output;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "edow: a Kafka-native workflow orchestrator")]
@@ -81,6 +85,14 @@ enum Command {
     Deploy {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Deployed definitions: every name with its versions, or every version of NAME with its text.
+    Definitions {
+        name: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Start a workflow instance.
     Start {
@@ -101,6 +113,8 @@ enum Command {
         /// carries its trace id, printed on stderr.
         #[arg(long, env = "TRACEPARENT")]
         traceparent: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Send a named signal to a running instance (a wait step listening for it continues).
     Signal {
@@ -109,15 +123,28 @@ enum Command {
         /// Payload, a JSON document; the wait step's output.
         #[arg(long, default_value = "null")]
         payload: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Cancel a running instance: its completed steps are compensated, then it ends as cancelled.
     Cancel {
         id: String,
         #[arg(long, default_value = "")]
         reason: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
-    /// Show an instance's latest state from the changelog.
-    Status { id: String },
+    /// Show an instance's latest state from the changelog, with its running steps.
+    Status {
+        id: String,
+        /// Also its lifecycle events, oldest first (reads the workflow's events partition).
+        #[arg(long)]
+        history: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// List workflows of every partition, newest first, filtered by name, status, correlation id and start time.
+    List(workflows::ListArgs),
     /// Start many instances at once, follow them to the end, and print progress and a latency summary.
     Load {
         /// Name of a deployed workflow.
@@ -191,12 +218,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Schemas { action } => schemas(&codec, &cli.registry, &topics, action).await,
-        Command::Deploy { files } => {
+        Command::Deploy { files, output } => {
+            let mut deployed = Vec::new();
             for file in files {
-                deploy(&client, &file).await?;
+                deployed.push(deploy(&client, &file, output).await?);
+            }
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&deployed)?);
             }
             Ok(())
         }
+        Command::Definitions { name, output } => {
+            workflows::definitions(&client, name, output).await
+        }
+        Command::List(args) => workflows::list(&client, args).await,
         Command::Start {
             name,
             input,
@@ -204,6 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             version,
             correlation_id,
             traceparent,
+            output,
         } => {
             let trace = match traceparent.as_deref().filter(|t| !t.trim().is_empty()) {
                 Some(text) => TraceContext::parse(text, None).with_context(|| {
@@ -224,9 +260,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ..StartRequest::default()
             };
             let id = start(&client, request).await?;
-            println!("{id}");
-            eprintln!("trace id {}", trace.trace_id_hex());
-            Ok(())
+            let trace_id = trace.trace_id_hex();
+            output.print(&serde_json::json!({"id": id, "trace_id": trace_id}), |_| {
+                println!("{id}");
+                eprintln!("trace id {trace_id}");
+            })
         }
         Command::Load {
             name,
@@ -250,24 +288,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             load::run(&kafka, &codec, &topics, settings).await
         }
         Command::Bench(settings) => bench::run(&kafka, &codec, &topics, settings).await,
-        Command::Signal { id, name, payload } => {
+        Command::Signal {
+            id,
+            name,
+            payload,
+            output,
+        } => {
             let signal_id = client
                 .signal(&id, SignalKind::Signal, Some(name), &payload, None)
                 .await?;
-            println!("{signal_id}");
-            Ok(())
+            print_signal_id(&signal_id, output)
         }
-        Command::Cancel { id, reason } => {
+        Command::Cancel { id, reason, output } => {
             let payload = serde_json::Value::String(reason).to_string();
             let signal_id = client
                 .signal(&id, SignalKind::Cancel, None, &payload, None)
                 .await?;
-            println!("{signal_id}");
-            Ok(())
+            print_signal_id(&signal_id, output)
         }
         Command::Dlq(command) => dlq::run(&client, command).await,
         Command::Schedule(command) => schedule::run(&client, command).await,
-        Command::Status { id } => status(&kafka, &codec, &topics, &id).await,
+        Command::Status {
+            id,
+            history,
+            output,
+        } => workflows::status(&client, &id, history, output).await,
         Command::Watch { id, timeout } => {
             watch(&kafka, &codec, &topics, &id, Duration::from_secs(timeout)).await
         }
@@ -306,12 +351,29 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await?
 }
 
-async fn deploy(client: &Client, file: &PathBuf) -> anyhow::Result<()> {
+fn print_signal_id(signal_id: &str, output: Output) -> anyhow::Result<()> {
+    output.print(&serde_json::json!({ "signal_id": signal_id }), |_| {
+        println!("{signal_id}")
+    })
+}
+
+/// Deploys one file, printing what happened unless the output is JSON (the caller prints all files then).
+async fn deploy(
+    client: &Client,
+    file: &PathBuf,
+    output: Output,
+) -> anyhow::Result<serde_json::Value> {
     let label = file.display().to_string();
     let source = std::fs::read_to_string(file).with_context(|| format!("reading {label}"))?;
     let deployed = client
         .deploy(&label, &source, std::env::var("USER").ok())
         .await?;
+    let answer = serde_json::json!({
+        "file": label, "name": deployed.name, "version": deployed.version, "unchanged": deployed.unchanged,
+    });
+    if output == Output::Json {
+        return Ok(answer);
+    }
     if deployed.unchanged {
         println!(
             "{} version {} is unchanged ({label})",
@@ -323,7 +385,7 @@ async fn deploy(client: &Client, file: &PathBuf) -> anyhow::Result<()> {
             deployed.name, deployed.version
         );
     }
-    Ok(())
+    Ok(answer)
 }
 
 /// Starts a workflow through `client`, once the orchestrator has made its topics.
@@ -351,44 +413,6 @@ async fn home_partition(kafka: &Kafka, topic: &str, id: &str) -> anyhow::Result<
         );
     }
     Ok(partition_for(id.as_bytes(), partitions as i32))
-}
-
-async fn status(kafka: &Kafka, codec: &Codec, topics: &Topics, id: &str) -> anyhow::Result<()> {
-    let topic = topics.state();
-    let partition = home_partition(kafka, &topic, id).await?;
-    let records = {
-        let (kafka, topic) = (kafka.clone(), topic.clone());
-        blocking(move || kafka.read_to_end(&topic, partition, Offset::Beginning)).await?
-    };
-    let latest = records
-        .iter()
-        .rev()
-        .find(|r| r.key() == Some(id.as_bytes()));
-    let Some(record) = latest.filter(|r| r.payload().is_some()) else {
-        bail!("no workflow {id}: it was never started, not yet picked up, or purged");
-    };
-    let state: WorkflowState = codec.decode(record.payload()).await?;
-    let engine: serde_json::Value = serde_json::from_str(&state.engine_state).unwrap_or_default();
-    let instance: Option<edow_engine::Instance> =
-        serde_json::from_value(engine["instance"].clone()).ok();
-    println!("workflow   {}", state.workflow_id);
-    println!(
-        "definition {} version {}",
-        state.workflow_name, state.workflow_version
-    );
-    println!("status     {:?}", state.status);
-    for (step, doing) in instance.iter().flat_map(|i| i.running_steps()) {
-        println!("step       {step}: {doing}");
-    }
-    println!("input      {}", state.input);
-    if let Some(output) = &state.output {
-        println!("output     {output}");
-    }
-    if let Some(error) = &state.error {
-        println!("error      {error}");
-    }
-    println!("changes    {}", state.sequence);
-    Ok(())
 }
 
 async fn watch(

@@ -5,7 +5,7 @@ use edow_kafka::now_millis;
 use edow_orchestrator::client::Client;
 use edow_schemas::contracts::Schedule;
 
-use crate::dlq::Output;
+use crate::output::Output;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ScheduleCommand {

@@ -1,5 +1,6 @@
 //! The orchestrator's HTTP API end to end: deploy, start (with an idempotency key), read, list and page, signal
-//! and cancel, from two instances, against the real broker; bad requests get 4xx naming the field.
+//! and cancel, from two instances, against the real broker; bad requests get 4xx naming the field. The CLI's
+//! reads answer what the API answers, and an instance that turns ready has indexed what existed before it.
 
 mod common;
 
@@ -336,4 +337,79 @@ async fn the_api_drives_and_reads_workflows_from_any_instance() {
     ] {
         assert!(openapi["paths"][path].is_object(), "{path} undocumented");
     }
+
+    cli_reads_match_the_api(&cluster, &api, &id).await;
+
+    // A new instance is ready only once its index holds what the topics held when it started: no 404 after
+    // readiness for a workflow that existed before.
+    let c = format!("127.0.0.1:{}", free_port());
+    let _third = cluster.orchestrator_with(&["--http-addr", &c]);
+    wait_ready(&c).await;
+    let late = Api::new(&c);
+    let (status, quick) = late.get("/v1/workflows?name=api-quick").await;
+    assert_eq!(status, 200);
+    // The five quick ones and the one the CLI started.
+    assert_eq!(quick["workflows"].as_array().unwrap().len(), 6, "{quick}");
+    let (status, cancelled) = late.get("/v1/workflows/doc-8").await;
+    assert_eq!((status, &cancelled["status"]), (200, &json!("Cancelled")));
+}
+
+/// Every read of the API is in the CLI too, in the same JSON with `--output json`.
+async fn cli_reads_match_the_api(cluster: &Cluster, api: &Api, id: &str) {
+    let json_of = |args: &[&str]| -> Value {
+        let (ok, out, err) = cluster.cli(args);
+        assert!(ok, "edow {args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("edow {args:?}: {e}: {out}"))
+    };
+    let ids = |body: &Value| -> BTreeSet<String> {
+        body["workflows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let listed = json_of(&["list", "--name", "api-quick", "--output", "json"]);
+    let (_, from_api) = api.get("/v1/workflows?name=api-quick").await;
+    assert_eq!(ids(&listed), ids(&from_api));
+    assert_eq!(ids(&listed).len(), 5);
+    let cancelled = json_of(&["list", "--status", "cancelled", "--output", "json"]);
+    assert_eq!(ids(&cancelled), BTreeSet::from(["doc-8".to_string()]));
+    let (ok, _, err) = cluster.cli(&["list", "--status", "Sleeping"]);
+    assert!(!ok && err.contains("--status"), "{err}");
+
+    let shown = json_of(&["status", id, "--history", "--output", "json"]);
+    let (_, from_api) = api.get(&format!("/v1/workflows/{id}")).await;
+    for key in [
+        "id",
+        "name",
+        "version",
+        "status",
+        "input",
+        "output",
+        "correlation_id",
+    ] {
+        assert_eq!(shown[key], from_api[key], "{key}: {shown} vs {from_api}");
+    }
+    assert_eq!(shown["history"], from_api["history"]);
+    let (ok, text, err) = cluster.cli(&["status", id, "--history"]);
+    assert!(ok, "{err}");
+    assert!(
+        text.contains("Completed") && text.contains("WorkflowStarted"),
+        "{text}"
+    );
+
+    let definitions = json_of(&["definitions", "--output", "json"]);
+    let (_, from_api) = api.get("/v1/definitions").await;
+    assert_eq!(definitions, from_api);
+    let approval = json_of(&["definitions", "api-approval", "--output", "json"]);
+    assert_eq!(approval["versions"][0]["source"], APPROVAL);
+    let (ok, _, err) = cluster.cli(&["definitions", "nothing-here"]);
+    assert!(!ok && err.contains("no definition nothing-here"), "{err}");
+
+    let started = json_of(&["start", "api-quick", "--id", "cli-1", "--output", "json"]);
+    assert_eq!(started["id"], "cli-1");
+    assert_eq!(started["trace_id"].as_str().map(str::len), Some(32));
+    let signalled = json_of(&["signal", "cli-1", "nudge", "--output", "json"]);
+    assert!(signalled["signal_id"].is_string(), "{signalled}");
 }

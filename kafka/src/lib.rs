@@ -19,6 +19,10 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+/// Most bytes (keys and values) of one chunk of [`Kafka::stream_to_end`], give or take its last record: with a
+/// channel of two, a reader holds at most a few of these, however large the records (up to a broker's 1 MiB).
+pub const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
 /// Header carrying a lifecycle event's id, so that a reader can deduplicate without decoding.
 pub const EVENT_ID_HEADER: &str = "edow.event-id";
 /// Header carrying the correlation id of a workflow.
@@ -141,6 +145,17 @@ impl Kafka {
         self.finish(config)
     }
 
+    /// A [`Kafka::reader_config`] for a reader that may trail by up to `max_wait` (schedules, the visibility
+    /// index): the broker holds each fetch of an idle partition up to that long instead of 20 ms. Every fetch
+    /// round costs the broker reads of each partition asked for, with or without data, so a reader that asks ten
+    /// times less often leaves that CPU to the steps' own consumers.
+    pub fn trailing_reader_config(&self, max_wait: Duration) -> ClientConfig {
+        let mut config = self.reader_config();
+        config.set("fetch.wait.max.ms", max_wait.as_millis().to_string());
+        // The operator's options still win, as everywhere.
+        self.finish(config)
+    }
+
     /// Creates the topics that are missing and checks the partition count of those that exist.
     pub async fn ensure_topics(&self, topics: &[TopicSpec]) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = self
@@ -237,7 +252,8 @@ impl Kafka {
     }
 
     /// Streams the records of one partition from `from` up to the end it had when called, in chunks of at most
-    /// `chunk` records, through a channel of two chunks: memory stays bounded whatever the partition's length.
+    /// `chunk` records and about [`CHUNK_BYTES`] (a chunk ends after the record that reaches it), through a
+    /// channel of two chunks: memory stays bounded whatever the partition's length or its records' sizes.
     /// The read runs on a blocking thread; it fails only when no record arrives for a minute, never because a
     /// long partition takes long.
     pub fn stream_to_end(
@@ -250,7 +266,8 @@ impl Kafka {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let (kafka, topic) = (self.clone(), topic.to_string());
         tokio::task::spawn_blocking(move || {
-            let sent = kafka.read_chunks(&topic, partition, from, chunk.max(1), |records| {
+            let bounds = (chunk.max(1), CHUNK_BYTES);
+            let sent = kafka.read_chunks(&topic, partition, from, bounds, |records| {
                 tx.blocking_send(Ok(records)).is_ok()
             });
             if let Err(e) = sent {
@@ -260,13 +277,14 @@ impl Kafka {
         rx
     }
 
-    /// Reads like [`Kafka::stream_to_end`], handing each chunk to `deliver`; stops early when it returns false.
+    /// Reads like [`Kafka::stream_to_end`], handing each chunk of at most `(records, bytes)` to `deliver`; stops
+    /// early when it returns false.
     fn read_chunks(
         &self,
         topic: &str,
         partition: i32,
         from: Offset,
-        chunk: usize,
+        (chunk, chunk_bytes): (usize, usize),
         mut deliver: impl FnMut(Vec<OwnedMessage>) -> bool,
     ) -> anyhow::Result<()> {
         const STALL: Duration = Duration::from_secs(60);
@@ -285,19 +303,24 @@ impl Kafka {
         assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
         reader.assign(&assignment)?;
         let mut records = Vec::with_capacity(chunk.min(4096));
+        let mut bytes = 0usize;
         let mut last_progress = std::time::Instant::now();
         loop {
             match reader.poll(Duration::from_millis(200)) {
                 Some(Ok(msg)) => {
                     last_progress = std::time::Instant::now();
                     let offset = msg.offset();
+                    bytes += msg.payload_len() + msg.key_len();
                     records.push(msg.detach());
                     if offset + 1 >= high {
                         deliver(records);
                         return Ok(());
                     }
-                    if records.len() >= chunk && !deliver(std::mem::take(&mut records)) {
-                        return Ok(());
+                    if records.len() >= chunk || bytes >= chunk_bytes {
+                        bytes = 0;
+                        if !deliver(std::mem::take(&mut records)) {
+                            return Ok(());
+                        }
                     }
                 }
                 // Compaction can leave the last offsets empty: the end of the partition ends the read too.
@@ -325,10 +348,16 @@ impl Kafka {
         from: Offset,
     ) -> anyhow::Result<Vec<OwnedMessage>> {
         let mut all = Vec::new();
-        self.read_chunks(topic, partition, from, usize::MAX, |records| {
-            all.extend(records);
-            true
-        })?;
+        self.read_chunks(
+            topic,
+            partition,
+            from,
+            (usize::MAX, usize::MAX),
+            |records| {
+                all.extend(records);
+                true
+            },
+        )?;
         Ok(all)
     }
 }

@@ -287,6 +287,53 @@ impl Client {
     }
 }
 
+/// The deployed versions of one workflow name, oldest first.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DefinitionVersions {
+    pub name: String,
+    pub latest: i32,
+    pub versions: Vec<i32>,
+}
+
+/// One deployed version's text; `None` when its record no longer decodes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DefinitionSource {
+    pub version: i32,
+    pub source: Option<String>,
+}
+
+impl Client {
+    /// Every deployed name with its versions, by name.
+    pub async fn definition_names(&self) -> Result<Vec<DefinitionVersions>, ClientError> {
+        let mut names: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+        for (name, version) in self.definitions().await?.into_keys() {
+            names.entry(name).or_default().push(version);
+        }
+        Ok(names
+            .into_iter()
+            .map(|(name, versions)| DefinitionVersions {
+                latest: versions.last().copied().unwrap_or_default(),
+                name,
+                versions,
+            })
+            .collect())
+    }
+
+    /// Every version of `name`, oldest first, with its text.
+    pub async fn definition_versions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<DefinitionSource>, ClientError> {
+        Ok(self
+            .definitions()
+            .await?
+            .into_iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|((_, version), source)| DefinitionSource { version, source })
+            .collect())
+    }
+}
+
 /// A new id: `prefix`, time, process and a counter.
 pub fn new_id(prefix: &str) -> String {
     static ATTEMPTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -1,7 +1,8 @@
 //! The orchestrator's HTTP listener (`--http-addr`): the API (`/v1`, see `api`), `/metrics`, `/healthz` and
-//! `/readyz`. Readiness means this
-//! instance has joined its group and restored the partitions of its first assignment; it stays ready through
-//! later rebalances, so that a rolling restart does not take every instance's API out of service at once.
+//! `/readyz`. Readiness means this instance has joined its group and restored the partitions of its first
+//! assignment, and its visibility index holds what the topics held when it started (so that reads do not answer
+//! 404 for workflows it has not read yet); it stays ready through later rebalances, so that a rolling restart
+//! does not take every instance's API out of service at once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,20 +27,24 @@ impl Readiness {
 
 /// Every route the listener serves.
 pub fn router(readiness: Readiness, api: crate::api::Api) -> Router {
+    let index = api.visibility.clone();
     let probes = edow_telemetry::http::routes().route(
         "/readyz",
         get(move || {
-            let ready = readiness.is_ready();
-            async move {
-                if ready {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: joining the group or restoring partitions\n",
-                    )
-                }
-            }
+            let answer = if !readiness.is_ready() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: joining the group or restoring partitions\n",
+                )
+            } else if !index.is_caught_up() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: the visibility index is reading the state and events topics\n",
+                )
+            } else {
+                (StatusCode::OK, "ready\n")
+            };
+            async move { answer }
         }),
     );
     crate::api::routes(api).merge(probes)

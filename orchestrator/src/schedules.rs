@@ -495,7 +495,7 @@ pub async fn run(
         .await?;
     let consumer: StreamConsumer = client
         .kafka
-        .reader_config()
+        .trailing_reader_config(Duration::from_millis(500))
         .set("enable.partition.eof", "false")
         .create()
         .context("creating the schedules reader")?;

@@ -8,7 +8,9 @@
 //! [`MAX_EVENTS_PER_WORKFLOW`] are not kept (the state still is). Why SQLite: indexed filters and pages over
 //! millions of rows on disk, not in the heap, with one file to keep or throw away (docs/architecture.md).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ pub const MAX_EVENTS_PER_WORKFLOW: i64 = 10_000;
 const BATCH: usize = 2_000;
 /// How often ended workflows past the retention are removed.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How long the feeder finds nothing to read before it counts as caught up, whatever the end offsets said.
+const IDLE_IS_CAUGHT_UP: Duration = Duration::from_secs(3);
 
 /// A workflow as the index holds it.
 #[derive(Debug, Clone, Serialize)]
@@ -91,10 +95,42 @@ pub const STATUSES: [&str; 8] = [
     "Filtered",
 ];
 
+/// The status spelled `text` in any case, as the index spells it.
+pub fn status_named(text: &str) -> Option<&'static str> {
+    STATUSES
+        .iter()
+        .find(|s| s.eq_ignore_ascii_case(text))
+        .copied()
+}
+
+/// An instant given as epoch milliseconds or RFC 3339 (`2026-11-23T10:00:00Z`), as epoch milliseconds.
+pub fn parse_instant(text: &str) -> Option<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Some(ms);
+    }
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+}
+
+/// A workflow with its lifecycle events under `history`: what `GET /v1/workflows/{id}` and `edow status`
+/// answer.
+pub fn described(workflow: &WorkflowRow, events: &[EventRow]) -> serde_json::Value {
+    let mut body = serde_json::to_value(workflow).unwrap_or_default();
+    body["history"] = serde_json::to_value(events).unwrap_or_default();
+    body
+}
+
 /// The index, shared by the API's handlers (reads) and its feeder (writes).
 #[derive(Clone)]
 pub struct Visibility {
-    db: Arc<Mutex<rusqlite::Connection>>,
+    /// The feeder's connection. Reads have their own: in WAL mode they see the last committed batch while the
+    /// next one is written, so a large batch or a purge never holds a request up.
+    writer: Arc<Mutex<rusqlite::Connection>>,
+    reader: Arc<Mutex<rusqlite::Connection>>,
+    /// Whether the feeder has read every partition up to where it stood when the feeder started.
+    caught_up: Arc<AtomicBool>,
     /// Removed when the index is dropped, for a file made for this process only.
     _temporary: Option<Arc<TemporaryFile>>,
 }
@@ -113,22 +149,29 @@ impl Visibility {
     /// Opens (or creates) the index at `path`; `None`: a file of this process's own in the temporary directory,
     /// removed when it stops.
     pub fn open(path: Option<&Path>) -> anyhow::Result<Visibility> {
+        static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let (path, temporary) = match path {
             Some(path) => (path.to_path_buf(), None),
             None => {
                 let path = std::env::temp_dir().join(format!(
-                    "edow-visibility-{}-{}.sqlite",
+                    "edow-visibility-{}-{}-{}.sqlite",
                     std::process::id(),
-                    now_millis()
+                    now_millis(),
+                    OPENED.fetch_add(1, Ordering::Relaxed)
                 ));
                 (path.clone(), Some(Arc::new(TemporaryFile(path))))
             }
         };
-        let db = rusqlite::Connection::open(&path)
-            .with_context(|| format!("opening the visibility index {}", path.display()))?;
-        db.busy_timeout(Duration::from_secs(5))?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL;
+        let open = || -> anyhow::Result<rusqlite::Connection> {
+            let db = rusqlite::Connection::open(&path)
+                .with_context(|| format!("opening the visibility index {}", path.display()))?;
+            db.busy_timeout(Duration::from_secs(5))?;
+            Ok(db)
+        };
+        let writer = open()?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS workflows (
                  id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
@@ -146,16 +189,31 @@ impl Visibility {
              CREATE TABLE IF NOT EXISTS positions (
                  topic TEXT NOT NULL, partition INTEGER NOT NULL, next INTEGER NOT NULL,
                  PRIMARY KEY (topic, partition));",
-        )
-        .context("creating the visibility index's tables")?;
+            )
+            .context("creating the visibility index's tables")?;
+        let reader = open()?;
+        reader
+            .execute_batch("PRAGMA query_only = ON;")
+            .context("opening the visibility index for reading")?;
         Ok(Visibility {
-            db: Arc::new(Mutex::new(db)),
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+            caught_up: Arc::new(AtomicBool::new(false)),
             _temporary: temporary,
         })
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
-        self.db.lock().unwrap_or_else(|e| e.into_inner())
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_db(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the index holds everything the topics held when its feeder started (readiness waits for it).
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Relaxed)
     }
 
     /// Where to read `topic`'s `partition` from next.
@@ -257,7 +315,7 @@ impl Visibility {
 
     /// The workflow `id`, with its events (oldest first), if the index has it.
     pub fn get(&self, id: &str) -> anyhow::Result<Option<(WorkflowRow, Vec<EventRow>)>> {
-        let db = self.db();
+        let db = self.read_db();
         let row = db
             .query_row(
                 &format!("SELECT {COLUMNS} FROM workflows WHERE id = ?1"),
@@ -329,7 +387,7 @@ impl Visibility {
             "SELECT {LIST_COLUMNS} FROM workflows {condition} ORDER BY created_at DESC, id DESC LIMIT {}",
             filter.limit
         );
-        let db = self.db();
+        let db = self.read_db();
         let mut statement = db.prepare(&sql)?;
         let rows = statement
             .query_map(rusqlite::params_from_iter(values), workflow_row)?
@@ -340,7 +398,7 @@ impl Visibility {
     /// How many workflows the index holds.
     pub fn len(&self) -> anyhow::Result<i64> {
         Ok(self
-            .db()
+            .read_db()
             .query_row("SELECT count(*) FROM workflows", [], |row| row.get(0))?)
     }
 
@@ -385,8 +443,69 @@ enum Change {
     Event(String, LifecycleEvent, i64),
 }
 
-/// Keeps `index` fed from the state and events topics until `stop` resolves. A record that does not decode is
-/// skipped (the orchestrator dead-letters bad inputs; these topics hold only what it wrote).
+/// What one record brings to the index: a change, nothing (a record of edow's own, or one that does not decode:
+/// the orchestrator dead-letters bad inputs, and these topics hold only what it wrote), or `Err` when the
+/// registry cannot be reached now, and the record must be read again later.
+async fn change_of(
+    codec: &Codec,
+    state_topic: &str,
+    events_topic: &str,
+    msg: &impl Message,
+) -> Result<Option<Change>, String> {
+    let Some(key) = msg
+        .key()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .filter(|k| !k.starts_with(RESERVED_ID_PREFIX))
+    else {
+        return Ok(None);
+    };
+    let offset = msg.offset();
+    let is_state = msg.topic() == state_topic;
+    match (is_state, msg.payload()) {
+        (true, None) => Ok(Some(Change::Removed(key))),
+        (true, Some(payload)) => match codec.decode::<WorkflowState>(Some(payload)).await {
+            Ok(state) if state.workflow_name.starts_with(RESERVED_ID_PREFIX) => Ok(None),
+            Ok(state) => Ok(Some(Change::State(row_of(state)))),
+            Err(e) if e.is_transient() => Err(e.to_string()),
+            Err(e) => {
+                tracing::debug!(offset, "skipping a state record: {e}");
+                Ok(None)
+            }
+        },
+        (false, Some(payload)) if msg.topic() == events_topic => {
+            match codec.decode::<LifecycleEvent>(Some(payload)).await {
+                Ok(event) => Ok(Some(Change::Event(key, event, offset))),
+                Err(e) if e.is_transient() => Err(e.to_string()),
+                Err(e) => {
+                    tracing::debug!(offset, "skipping an event record: {e}");
+                    Ok(None)
+                }
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The end offset of every partition the feeder reads, when it starts: it is caught up once past all of them.
+fn ends_now(
+    kafka: &Kafka,
+    assignment: &TopicPartitionList,
+) -> anyhow::Result<HashMap<(String, i32), i64>> {
+    let reader = kafka.reader()?;
+    let mut ends = HashMap::new();
+    for element in assignment.elements() {
+        let (topic, partition) = (element.topic(), element.partition());
+        let (_, high) = reader
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .with_context(|| format!("reading the end of {topic}/{partition}"))?;
+        ends.insert((topic.to_string(), partition), high);
+    }
+    Ok(ends)
+}
+
+/// Keeps `index` fed from the state and events topics until `stop` resolves, and marks it caught up once it has
+/// read every partition to the end it had at the start (or found nothing more to read for [`IDLE_IS_CAUGHT_UP`]:
+/// compaction can leave a partition's last offsets empty, so that no record reaches its end).
 pub async fn feed(
     index: Visibility,
     kafka: Kafka,
@@ -397,25 +516,44 @@ pub async fn feed(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let consumer: StreamConsumer = kafka
-        .reader_config()
+        .trailing_reader_config(Duration::from_millis(200))
         .set("enable.partition.eof", "false")
         .create()
         .context("creating the visibility index's reader")?;
     let mut assignment = TopicPartitionList::new();
+    let mut read_from = HashMap::new();
     for topic in [topics.state(), topics.events()] {
         for partition in 0..partitions {
-            let offset = match index.position(&topic, partition)? {
-                Some(next) => Offset::Offset(next),
-                None => Offset::Beginning,
-            };
+            let next = index.position(&topic, partition)?;
+            read_from.insert((topic.clone(), partition), next.unwrap_or(0));
+            let offset = next.map_or(Offset::Beginning, Offset::Offset);
             assignment.add_partition_offset(&topic, partition, offset)?;
         }
     }
+    let mut behind: HashMap<(String, i32), i64> = if index.is_caught_up() {
+        HashMap::new()
+    } else {
+        let (kafka, assignment) = (kafka.clone(), assignment.clone());
+        tokio::task::spawn_blocking(move || ends_now(&kafka, &assignment))
+            .await??
+            .into_iter()
+            .filter(|(at, end)| read_from.get(at).is_some_and(|from| from < end))
+            .collect()
+    };
     consumer.assign(&assignment)?;
     let (state_topic, events_topic) = (topics.state(), topics.events());
     let mut last_purge = std::time::Instant::now();
+    let mut last_record = std::time::Instant::now();
     tokio::pin!(stop);
     loop {
+        if !index.is_caught_up() && (behind.is_empty() || last_record.elapsed() > IDLE_IS_CAUGHT_UP)
+        {
+            index.caught_up.store(true, Ordering::Relaxed);
+            tracing::info!(
+                workflows = index.len().unwrap_or(-1),
+                "the visibility index is caught up"
+            );
+        }
         let first = tokio::select! {
             _ = &mut stop => return Ok(()),
             polled = tokio::time::timeout(Duration::from_millis(200), consumer.recv()) => polled,
@@ -435,46 +573,26 @@ pub async fn feed(
                 _ => break,
             }
         }
+        if !messages.is_empty() {
+            last_record = std::time::Instant::now();
+        }
         let mut changes = Vec::with_capacity(messages.len());
         let mut unreachable_registry = None;
-        let mut positions: std::collections::HashMap<(String, i32), i64> = Default::default();
+        let mut positions: HashMap<(String, i32), i64> = Default::default();
         for msg in &messages {
             positions.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
-            let Some(key) = msg
-                .key()
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-                .filter(|k| !k.starts_with(RESERVED_ID_PREFIX))
-            else {
-                continue;
-            };
-            let offset = msg.offset();
-            match (msg.topic() == state_topic, msg.payload()) {
-                (true, None) => changes.push(Change::Removed(key)),
-                (true, Some(payload)) => match codec.decode::<WorkflowState>(Some(payload)).await {
-                    Ok(state) if state.workflow_name.starts_with(RESERVED_ID_PREFIX) => {}
-                    Ok(state) => changes.push(Change::State(row_of(state))),
-                    Err(e) if e.is_transient() => {
-                        unreachable_registry = Some(e.to_string());
-                        break;
-                    }
-                    Err(e) => tracing::debug!(offset, "skipping a state record: {e}"),
-                },
-                (false, Some(payload)) if msg.topic() == events_topic => {
-                    match codec.decode::<LifecycleEvent>(Some(payload)).await {
-                        Ok(event) => changes.push(Change::Event(key, event, offset)),
-                        Err(e) if e.is_transient() => {
-                            unreachable_registry = Some(e.to_string());
-                            break;
-                        }
-                        Err(e) => tracing::debug!(offset, "skipping an event record: {e}"),
-                    }
+            match change_of(&codec, &state_topic, &events_topic, msg).await {
+                Ok(Some(change)) => changes.push(change),
+                Ok(None) => {}
+                Err(e) => {
+                    unreachable_registry = Some(e);
+                    break;
                 }
-                _ => {}
             }
         }
         if let Some(e) = unreachable_registry {
             // Nothing of this batch is applied: each partition is read again from its first record in it.
-            let mut first: std::collections::HashMap<(String, i32), i64> = Default::default();
+            let mut first: HashMap<(String, i32), i64> = Default::default();
             for msg in &messages {
                 first
                     .entry((msg.topic().to_string(), msg.partition()))
@@ -490,6 +608,7 @@ pub async fn feed(
         }
         drop(messages);
         if !positions.is_empty() {
+            behind.retain(|at, end| positions.get(at).is_none_or(|next| next < end));
             let positions: Vec<(String, i32, i64)> =
                 positions.into_iter().map(|((t, p), n)| (t, p, n)).collect();
             let index = index.clone();
@@ -507,6 +626,43 @@ pub async fn feed(
             }
         }
     }
+}
+
+/// A one-off index of `partitions` as they are now, read from `edow.state` (and `edow.events` with `events`) to
+/// their ends: what the CLI lists and shows without an orchestrator's API. Held in a temporary file, one chunk
+/// of records in memory at a time.
+pub async fn snapshot(
+    kafka: &Kafka,
+    codec: &Codec,
+    topics: &Topics,
+    partitions: &[i32],
+    events: bool,
+) -> anyhow::Result<Visibility> {
+    let index = Visibility::open(None)?;
+    let (state_topic, events_topic) = (topics.state(), topics.events());
+    let mut topics_read = vec![state_topic.clone()];
+    if events {
+        topics_read.push(events_topic.clone());
+    }
+    for topic in &topics_read {
+        for &partition in partitions {
+            let mut chunks = kafka.stream_to_end(topic, partition, Offset::Beginning, BATCH);
+            while let Some(chunk) = chunks.recv().await {
+                let mut changes = Vec::with_capacity(BATCH);
+                for msg in chunk? {
+                    match change_of(codec, &state_topic, &events_topic, &msg).await {
+                        Ok(Some(change)) => changes.push(change),
+                        Ok(None) => {}
+                        Err(e) => anyhow::bail!("reading {topic}: the schema registry: {e}"),
+                    }
+                }
+                let writer = index.clone();
+                tokio::task::spawn_blocking(move || writer.apply(&changes, &[])).await??;
+            }
+        }
+    }
+    index.caught_up.store(true, Ordering::Relaxed);
+    Ok(index)
 }
 
 /// The index's row of a state record.

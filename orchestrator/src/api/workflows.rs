@@ -16,7 +16,7 @@ use super::{
     blocking, limit_param, only_params, parse_body, path_segment, trace_of, Api, ApiError,
 };
 use crate::client::StartRequest;
-use crate::visibility::{Filter, STATUSES};
+use crate::visibility::{described, parse_instant, status_named, Filter, STATUSES};
 
 /// Most workflows per page.
 const MAX_PAGE: usize = 1000;
@@ -80,9 +80,7 @@ pub async fn get(State(api): State<Api>, Path(id): Path<String>) -> Result<Respo
             ),
         ));
     };
-    let mut body = serde_json::to_value(&workflow).map_err(ApiError::unavailable)?;
-    body["history"] = serde_json::to_value(&events).map_err(ApiError::unavailable)?;
-    Ok(Json(body).into_response())
+    Ok(Json(described(&workflow, &events)).into_response())
 }
 
 /// `GET /v1/workflows?name=&status=&correlation_id=&from=&to=&cursor=&limit=`: newest first, paginated.
@@ -104,9 +102,7 @@ pub async fn list(
     )?;
     let status = match query.get("status") {
         Some(status) => Some(
-            STATUSES
-                .iter()
-                .find(|s| s.eq_ignore_ascii_case(status))
+            status_named(status)
                 .ok_or_else(|| ApiError::bad("status", format!("one of {}", STATUSES.join(", "))))?
                 .to_string(),
         ),
@@ -132,19 +128,12 @@ pub async fn list(
 
 /// An instant given as epoch milliseconds or RFC 3339.
 fn instant(field: &str, text: &str) -> Result<i64, ApiError> {
-    if let Ok(ms) = text.parse::<i64>() {
-        return Ok(ms);
-    }
-    humantime::parse_rfc3339_weak(text)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
-        .ok_or_else(|| {
-            ApiError::bad(
-                field,
-                "epoch milliseconds or an RFC 3339 time (2026-11-23T10:00:00Z)",
-            )
-        })
+    parse_instant(text).ok_or_else(|| {
+        ApiError::bad(
+            field,
+            "epoch milliseconds or an RFC 3339 time (2026-11-23T10:00:00Z)",
+        )
+    })
 }
 
 /// The opaque cursor of a page: the last row's creation time and id, hex-encoded.
