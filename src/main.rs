@@ -177,12 +177,32 @@ enum Command {
     /// Cron schedules: create, list, delete.
     #[command(subcommand)]
     Schedule(schedule::ScheduleCommand),
+    /// API tokens: `edow token new --role operator --name ci` prints a new token and its line for the
+    /// orchestrator's --api-tokens file (which keeps only the token's SHA-256).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Print an instance's lifecycle events as they happen, until it ends.
     Watch {
         id: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a new random token: the token itself (give it to the caller, once) and the line to add to the
+    /// token file.
+    New {
+        /// viewer (reads), operator (also starts, signals, cancels, replays), admin (also deploys, schedules).
+        #[arg(long)]
+        role: String,
+        /// Who holds it, as logs and `deployed_by` name it.
+        #[arg(long, default_value = "token")]
+        name: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
 }
 
@@ -307,6 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_signal_id(&signal_id, output)
         }
         Command::Dlq(command) => dlq::run(&client, command).await,
+        Command::Token(TokenCommand::New { role, name, output }) => new_token(&role, &name, output),
         Command::Schedule(command) => schedule::run(&client, command).await,
         Command::Status {
             id,
@@ -349,6 +370,23 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
+}
+
+fn new_token(role: &str, name: &str, output: Output) -> anyhow::Result<()> {
+    use edow_orchestrator::api::auth;
+    let role = auth::Role::parse(role)
+        .with_context(|| format!("--role {role:?}: one of viewer, operator, admin"))?;
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        bail!("--name {name:?}: 1 to 64 visible characters, no spaces");
+    }
+    let (token, line) = auth::new_token(role, name)?;
+    output.print(&serde_json::json!({"token": token, "line": line}), |_| {
+        println!("token  {token}");
+        println!("line   {line}");
+        eprintln!(
+            "add the line to the orchestrator's --api-tokens file; the token is shown only now"
+        );
+    })
 }
 
 fn print_signal_id(signal_id: &str, output: Output) -> anyhow::Result<()> {

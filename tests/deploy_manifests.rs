@@ -453,3 +453,79 @@ fn k8s_pods_are_scraped_and_probed_on_the_port_their_binary_listens_on() {
         }
     }
 }
+
+#[test]
+fn the_api_beyond_loopback_is_served_with_mounted_tokens() {
+    use sha2::Digest;
+    let compose = compose();
+    let orchestrator = &compose["services"]["orchestrator"];
+    assert!(env_of(orchestrator, "EDOW_HTTP_ADDR").starts_with("0.0.0.0:"));
+    let tokens = env_of(orchestrator, "EDOW_API_TOKENS_FILE");
+    let secret = tokens
+        .strip_prefix("/run/secrets/")
+        .expect("compose mounts the tokens as a secret");
+    assert!(orchestrator["secrets"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|s| s == secret));
+    let file = compose["secrets"][secret]["file"].as_str().unwrap();
+    let text = std::fs::read_to_string(root().join(file)).unwrap();
+    let mut roles = BTreeSet::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            ["viewer", "operator", "admin"].contains(&fields[0]),
+            "{line}"
+        );
+        // The README's dev tokens are what the file holds the hashes of.
+        let plain = format!("edow-dev-{}", fields[0]);
+        let hash: String = sha2::Sha256::digest(plain.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(fields[1], hash, "{line}");
+        roles.insert(fields[0]);
+    }
+    assert_eq!(roles.len(), 3);
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(readme.contains("edow-dev-admin"));
+
+    let (file, deployment) = k8s_documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "Deployment" && d["metadata"]["name"] == "edow-orchestrator")
+        .unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let env = |name: &str| {
+        container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{file}: no {name}"))
+            .to_string()
+    };
+    let tokens = env("EDOW_API_TOKENS_FILE");
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| tokens.starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("{file}: {tokens} is on no mount"));
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert_eq!(volume["secret"]["secretName"], "edow-api-tokens", "{file}");
+    assert_ne!(
+        volume["secret"]["optional"], true,
+        "a missing token Secret must not start an open API"
+    );
+}

@@ -125,6 +125,12 @@ pub struct Config {
     pub visibility_path: Option<std::path::PathBuf>,
     /// How long ended workflows stay in the visibility index.
     pub visibility_retention: Duration,
+    /// The API's token file (`ROLE SHA256 [NAME]` lines); `None`: the API takes every request.
+    pub api_tokens: Option<std::path::PathBuf>,
+    /// A directory with one secret file per webhook, named after its workflow.
+    pub hook_secrets: Option<std::path::PathBuf>,
+    /// Serve the API on a non-loopback address without tokens (something in front of it authenticates).
+    pub api_allow_unauthenticated: bool,
 }
 
 impl Config {
@@ -150,6 +156,9 @@ impl Config {
             http_addr: None,
             visibility_path: None,
             visibility_retention: Duration::from_secs(7 * 24 * 3600),
+            api_tokens: None,
+            hook_secrets: None,
+            api_allow_unauthenticated: false,
         }
     }
 }
@@ -198,6 +207,7 @@ fn serve_api(
     schedules: &schedules::Table,
     stop: tokio::sync::watch::Receiver<()>,
 ) -> anyhow::Result<api::Api> {
+    let auth = api::auth::Auth::new(config.api_tokens.as_deref(), config.hook_secrets.as_deref())?;
     let visibility = visibility::Visibility::open(config.visibility_path.as_deref())?;
     let (index, kafka, codec, topics) = (
         visibility.clone(),
@@ -223,7 +233,21 @@ fn serve_api(
         visibility,
         hooks: Default::default(),
         schedules: schedules.clone(),
+        auth,
     })
+}
+
+/// Refuses to serve the API to the network without authentication, unless told that something in front of it
+/// authenticates: an open API lets anyone start, cancel and deploy.
+fn refuse_open_api(addr: std::net::SocketAddr, config: &Config) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() || config.api_tokens.is_some() || config.api_allow_unauthenticated {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to serve the API on {addr} without authentication: anyone reaching it could start, cancel and \
+         deploy workflows. Give --api-tokens FILE (lines `ROLE SHA256 NAME`; `edow token new --role admin` makes \
+         one), listen on 127.0.0.1, or pass --api-allow-unauthenticated when a proxy in front authenticates"
+    )
 }
 
 /// Runs the task `start` makes until it ends well (it was stopped), starting it again 5 s after each error.
@@ -266,6 +290,9 @@ const COMMIT_EVERY: Duration = Duration::from_millis(100);
 
 /// Runs the orchestrator until `shutdown` resolves; then finishes the batch in hand, commits, and leaves the group.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if let Some(addr) = config.http_addr {
+        refuse_open_api(addr, &config)?;
+    }
     let topics = &config.topics;
     let (n, rf) = (config.partitions, config.replication_factor);
     let mut specs = vec![

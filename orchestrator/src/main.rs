@@ -51,6 +51,17 @@ struct Args {
     /// How long ended workflows stay in the visibility index (e.g. 7d).
     #[arg(long, env = "EDOW_VISIBILITY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     visibility_retention: Duration,
+    /// The API's bearer tokens: a file of `ROLE SHA256-HEX [NAME]` lines (roles viewer, operator, admin), read
+    /// again when it changes. Without it the API takes every request, which only a loopback address allows.
+    #[arg(long, env = "EDOW_API_TOKENS_FILE")]
+    api_tokens: Option<std::path::PathBuf>,
+    /// A directory holding one secret per webhook, in a file named after its workflow; deliveries to such a
+    /// hook must be signed (X-Hub-Signature-256 or Edow-Signature).
+    #[arg(long, env = "EDOW_HOOK_SECRETS_DIR")]
+    hook_secrets: Option<std::path::PathBuf>,
+    /// Serve the API on a non-loopback address without tokens, because something in front of it authenticates.
+    #[arg(long, env = "EDOW_API_ALLOW_UNAUTHENTICATED")]
+    api_allow_unauthenticated: bool,
 }
 
 #[tokio::main]
@@ -80,5 +91,8 @@ async fn main() -> anyhow::Result<()> {
     config.http_addr = args.http_addr;
     config.visibility_path = args.visibility_path;
     config.visibility_retention = args.visibility_retention;
+    config.api_tokens = args.api_tokens;
+    config.hook_secrets = args.hook_secrets;
+    config.api_allow_unauthenticated = args.api_allow_unauthenticated;
     edow_orchestrator::run(config, edow_kafka::process::shutdown_signal()).await
 }

@@ -82,6 +82,8 @@ pub async fn hook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // Before anything else, so that an unsigned delivery costs no read of the cluster.
+    api.auth.check_hook(&workflow, &headers, &body)?;
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::bad("body", "must be UTF-8 JSON"))?;
     api.client

@@ -1,8 +1,9 @@
 //! The orchestrator's HTTP API under `/v1`, JSON in and out, described by `/v1/openapi.json`. Any instance
 //! answers any request: writes go through the Kafka topics ([`crate::client`]), reads come from the visibility
 //! index ([`crate::visibility`]). A request that is wrong gets a 4xx whose JSON body names the field; what the
-//! cluster cannot do right now is a 503; nothing a client sends makes a 500.
+//! cluster cannot do right now is a 503; nothing a client sends makes a 500. Who may do what is `auth`'s.
 
+pub mod auth;
 mod dead_letters;
 mod definitions;
 mod hooks;
@@ -29,6 +30,7 @@ pub struct Api {
     pub visibility: Visibility,
     pub hooks: hooks::HookCache,
     pub schedules: crate::schedules::Table,
+    pub auth: auth::Auth,
 }
 
 /// The `/v1` routes.
@@ -75,6 +77,10 @@ pub fn routes(api: Api) -> Router {
                 "this endpoint does not take that method; see /v1/openapi.json",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            api.auth.clone(),
+            auth::authenticate,
+        ))
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(api)

@@ -1,0 +1,615 @@
+//! Who may call the API: bearer tokens with roles, and HMAC-signed webhooks.
+//!
+//! Tokens are kept hashed (SHA-256) in a file, one `ROLE SHA256-HEX [NAME]` per line (a Kubernetes Secret mounts
+//! as such a file); `edow token new` makes a token and its line. The file is read again when it changes, so a
+//! rotated Secret takes effect without a restart. Roles are ordered: `viewer` reads; `operator` also starts,
+//! signals, cancels and replays dead letters; `admin` also deploys definitions and manages schedules.
+//!
+//! Webhooks carry no token: their senders sign the body with a secret of the hook's own, in GitHub's style
+//! (`X-Hub-Signature-256: sha256=HEX`, an HMAC-SHA256 of the body) or Stripe's (`Edow-Signature: t=UNIX,v1=HEX`,
+//! an HMAC-SHA256 of `t.body`, refused when `t` is more than five minutes away). The secret of hook `W` is the
+//! file `W` of the hook secrets directory. A hook without a secret takes an operator's token instead while
+//! authentication is on, so that no unauthenticated request reaches Kafka.
+//!
+//! `/healthz`, `/readyz`, `/metrics` and `/v1/openapi.json` stay open: probes and scrapers hold no token, and none
+//! of them shows a payload (docs/security.md).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+use super::ApiError;
+
+/// What a caller may do; each role may do what the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The caller of a request that passed authentication, for handlers that record who did something.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+}
+
+/// Longest token, hook secret or token file line read, in bytes.
+const MAX_SECRET_BYTES: usize = 4096;
+/// Largest token file read.
+const MAX_TOKEN_FILE_BYTES: u64 = 1024 * 1024;
+/// How often the token file's modification time is looked at.
+const RELOAD_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How far a Stripe-style signature's timestamp may be from now.
+const SIGNATURE_TOLERANCE: Duration = Duration::from_secs(300);
+
+/// How the API authenticates; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Auth {
+    tokens: Option<Arc<TokenFile>>,
+    hook_secrets: Option<PathBuf>,
+}
+
+impl Auth {
+    /// Authentication by the tokens of `tokens` (none: every request is let through, for a loopback listener or
+    /// one behind a proxy that authenticates), and hook signatures by the secrets in `hook_secrets`.
+    pub fn new(tokens: Option<&Path>, hook_secrets: Option<&Path>) -> anyhow::Result<Auth> {
+        let tokens = match tokens {
+            Some(path) => Some(Arc::new(TokenFile::open(path)?)),
+            None => None,
+        };
+        if let Some(dir) = hook_secrets {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "the hook secrets directory {} is not a directory; give a directory holding one file per hook, \
+                 named after its workflow",
+                dir.display()
+            );
+        }
+        Ok(Auth {
+            tokens,
+            hook_secrets: hook_secrets.map(Path::to_path_buf),
+        })
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.tokens.is_some()
+    }
+
+    /// The caller of `headers`, if its bearer token is known; why not otherwise.
+    fn principal(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
+        let Some(tokens) = &self.tokens else {
+            return Ok(Principal {
+                name: "anonymous".into(),
+                role: Role::Admin,
+            });
+        };
+        let Some(value) = headers.get("authorization") else {
+            return Err(unauthorized(
+                "this API needs a bearer token: send `Authorization: Bearer TOKEN`",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= MAX_SECRET_BYTES)
+            .ok_or_else(|| unauthorized("write the header as `Authorization: Bearer TOKEN`"))?;
+        tokens.find(token).ok_or_else(|| {
+            unauthorized("this token is not known (revoked, mistyped, or of another cluster)")
+        })
+    }
+
+    /// The secret of hook `workflow`, if one is configured.
+    fn hook_secret(&self, workflow: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        let Some(dir) = &self.hook_secrets else {
+            return Ok(None);
+        };
+        // A workflow name from the path must not walk out of the directory.
+        let safe = !workflow.is_empty()
+            && !workflow.starts_with('.')
+            && workflow
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !safe {
+            return Ok(None);
+        }
+        match read_bounded(&dir.join(workflow)) {
+            Ok(secret) => {
+                let secret = secret.trim_ascii().to_vec();
+                Ok((!secret.is_empty()).then_some(secret))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ApiError::unavailable(format!(
+                "reading the secret of hook {workflow}: {e}"
+            ))),
+        }
+    }
+
+    /// Checks a webhook delivery for `workflow`: its signature when the hook has a secret, else (with
+    /// authentication on) an operator's token.
+    pub fn check_hook(
+        &self,
+        workflow: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(), ApiError> {
+        match self.hook_secret(workflow)? {
+            Some(secret) => verify_signature(&secret, headers, body, SystemTime::now()),
+            None if self.is_on() => {
+                let principal = self.principal(headers).map_err(|_| {
+                    unauthorized(format!(
+                        "hook {workflow} has no secret, so it needs an operator's bearer token; or give it a \
+                         secret (a file named {workflow} in the hook secrets directory) and sign deliveries"
+                    ))
+                })?;
+                require(&principal, Role::Operator)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// The role a request needs, from its method and path; `None`: open, or checked by its handler (hooks).
+fn needed(method: &Method, path: &str) -> Option<Role> {
+    if !path.starts_with("/v1/") || path == "/v1/openapi.json" || path.starts_with("/v1/hooks/") {
+        return None;
+    }
+    if method == Method::GET || method == Method::HEAD {
+        return Some(Role::Viewer);
+    }
+    if path == "/v1/definitions" || path == "/v1/schedules" || path.starts_with("/v1/schedules/") {
+        return Some(Role::Admin);
+    }
+    Some(Role::Operator)
+}
+
+fn require(principal: &Principal, role: Role) -> Result<(), ApiError> {
+    if principal.role >= role {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "Authorization",
+        format!(
+            "token {} has the role {}; this request needs {} or above",
+            principal.name,
+            principal.role.name(),
+            role.name()
+        ),
+    ))
+}
+
+fn unauthorized(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "Authorization", message)
+}
+
+/// The middleware: refuses a request whose token is missing, unknown (401) or of too small a role (403), and
+/// hands the caller to the handlers.
+pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: Next) -> Response {
+    let Some(role) = needed(request.method(), request.uri().path()) else {
+        return next.run(request).await;
+    };
+    let checked = auth
+        .principal(request.headers())
+        .and_then(|principal| require(&principal, role).map(|()| principal));
+    match checked {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(refused) => {
+            let unauthenticated = refused.status == StatusCode::UNAUTHORIZED;
+            let mut response = refused.into_response();
+            if unauthenticated {
+                response.headers_mut().insert(
+                    "www-authenticate",
+                    HeaderValue::from_static("Bearer realm=\"edow\""),
+                );
+            }
+            response
+        }
+    }
+}
+
+/// The token file, read again when its modification time changes.
+struct TokenFile {
+    path: PathBuf,
+    loaded: Mutex<Loaded>,
+}
+
+struct Loaded {
+    /// SHA-256 of a token (hex) -> who holds it.
+    tokens: HashMap<String, Principal>,
+    modified: Option<SystemTime>,
+    checked: Instant,
+}
+
+impl TokenFile {
+    fn open(path: &Path) -> anyhow::Result<TokenFile> {
+        let (tokens, modified) = read_tokens(path)?;
+        anyhow::ensure!(
+            !tokens.is_empty(),
+            "the token file {} holds no token; add lines `ROLE SHA256-HEX [NAME]` (`edow token new` makes one)",
+            path.display()
+        );
+        Ok(TokenFile {
+            path: path.to_path_buf(),
+            loaded: Mutex::new(Loaded {
+                tokens,
+                modified,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    fn find(&self, token: &str) -> Option<Principal> {
+        let hash = sha256_hex(token.as_bytes());
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if loaded.checked.elapsed() > RELOAD_CHECK_EVERY {
+            loaded.checked = Instant::now();
+            let modified = std::fs::metadata(&self.path)
+                .and_then(|m| m.modified())
+                .ok();
+            if modified != loaded.modified {
+                // A file being rewritten, or one made wrong, keeps the tokens in force until it reads well.
+                match read_tokens(&self.path) {
+                    Ok((tokens, modified)) if !tokens.is_empty() => {
+                        tracing::info!(
+                            tokens = tokens.len(),
+                            file = %self.path.display(),
+                            "API tokens read again"
+                        );
+                        loaded.tokens = tokens;
+                        loaded.modified = modified;
+                    }
+                    Ok(_) => tracing::warn!(
+                        file = %self.path.display(),
+                        "the API token file holds no token now; keeping the tokens read before"
+                    ),
+                    Err(e) => tracing::warn!("{e:#}; keeping the API tokens read before"),
+                }
+            }
+        }
+        loaded.tokens.get(&hash).cloned()
+    }
+}
+
+type Tokens = HashMap<String, Principal>;
+
+fn read_tokens(path: &Path) -> anyhow::Result<(Tokens, Option<SystemTime>)> {
+    use anyhow::Context;
+    let metadata = std::fs::metadata(path)
+        .with_context(|| format!("reading the API token file {}", path.display()))?;
+    anyhow::ensure!(
+        metadata.len() <= MAX_TOKEN_FILE_BYTES,
+        "the API token file {} is {} bytes, over {MAX_TOKEN_FILE_BYTES}",
+        path.display(),
+        metadata.len()
+    );
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the API token file {}", path.display()))?;
+    Ok((parse_tokens(&text, path)?, metadata.modified().ok()))
+}
+
+/// `ROLE SHA256-HEX [NAME]` per line; `#` starts a comment.
+fn parse_tokens(text: &str, path: &Path) -> anyhow::Result<Tokens> {
+    let mut tokens = HashMap::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), number + 1);
+        let mut fields = line.split_whitespace();
+        let (role, hash) = (fields.next(), fields.next());
+        let role = role.and_then(Role::parse).ok_or_else(|| {
+            anyhow::anyhow!("{}: the role must be viewer, operator or admin", at())
+        })?;
+        let hash = hash
+            .map(str::to_ascii_lowercase)
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: the second field must be the token's SHA-256 in hex (64 digits), not the token \
+                     (`edow token new` prints the line)",
+                    at()
+                )
+            })?;
+        let name = fields
+            .next()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("line-{}", number + 1));
+        tokens.insert(hash, Principal { name, role });
+    }
+    Ok(tokens)
+}
+
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_SECRET_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > MAX_SECRET_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{} is over {MAX_SECRET_BYTES} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Whether `signature` is the HMAC-SHA256 of `message` under `secret` (compared in constant time).
+fn signed(secret: &[u8], message: &[&[u8]], signature: &str) -> bool {
+    let Some(signature) = unhex(signature.trim()) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    for part in message {
+        mac.update(part);
+    }
+    mac.verify_slice(&signature).is_ok()
+}
+
+/// Checks a delivery's GitHub- or Stripe-style signature against the hook's secret.
+fn verify_signature(
+    secret: &[u8],
+    headers: &HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<(), ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(value) = header("x-hub-signature-256") {
+        let hex = value.strip_prefix("sha256=").unwrap_or(value);
+        if signed(secret, &[body], hex) {
+            return Ok(());
+        }
+        return Err(unsigned(
+            "X-Hub-Signature-256",
+            "does not match the body under this hook's secret",
+        ));
+    }
+    if let Some(value) = header("edow-signature") {
+        let mut timestamp = None;
+        let mut signatures = Vec::new();
+        for part in value.split(',') {
+            match part.trim().split_once('=') {
+                Some(("t", t)) => timestamp = t.parse::<u64>().ok(),
+                Some(("v1", s)) => signatures.push(s),
+                _ => {}
+            }
+        }
+        let Some(timestamp) = timestamp else {
+            return Err(unsigned(
+                "Edow-Signature",
+                "write it as t=UNIX_SECONDS,v1=HEX",
+            ));
+        };
+        let sent = SystemTime::UNIX_EPOCH + Duration::from_secs(timestamp);
+        let skew = now
+            .duration_since(sent)
+            .or_else(|_| sent.duration_since(now))
+            .unwrap_or(Duration::MAX);
+        if skew > SIGNATURE_TOLERANCE {
+            return Err(unsigned(
+                "Edow-Signature",
+                "its timestamp is more than five minutes away from now (a replayed delivery, or a clock off)",
+            ));
+        }
+        let t = timestamp.to_string();
+        if signatures
+            .iter()
+            .any(|s| signed(secret, &[t.as_bytes(), b".", body], s))
+        {
+            return Ok(());
+        }
+        return Err(unsigned(
+            "Edow-Signature",
+            "no v1 signature matches `t.body` under this hook's secret",
+        ));
+    }
+    Err(unsigned(
+        "X-Hub-Signature-256",
+        "this hook needs a signed delivery: X-Hub-Signature-256: sha256=HMAC_SHA256(secret, body) in hex, or \
+         Edow-Signature: t=UNIX_SECONDS,v1=HMAC_SHA256(secret, \"t.body\")",
+    ))
+}
+
+fn unsigned(field: &str, message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, field, message)
+}
+
+/// A new random token (256 bits, hex) and its line for the token file.
+pub fn new_token(role: Role, name: &str) -> anyhow::Result<(String, String)> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a token: {e}"))?;
+    let token = format!("edow_{}", hex(&bytes));
+    let line = format!("{} {} {name}", role.name(), sha256_hex(token.as_bytes()));
+    Ok((token, line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac_hex(secret: &[u8], parts: &[&[u8]]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        for p in parts {
+            mac.update(p);
+        }
+        hex(&mac.finalize().into_bytes())
+    }
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn roles_follow_method_and_path() {
+        assert_eq!(needed(&Method::GET, "/v1/workflows"), Some(Role::Viewer));
+        assert_eq!(needed(&Method::POST, "/v1/workflows"), Some(Role::Operator));
+        assert_eq!(
+            needed(&Method::POST, "/v1/workflows/a/cancel"),
+            Some(Role::Operator)
+        );
+        assert_eq!(
+            needed(&Method::POST, "/v1/dead-letters/replay"),
+            Some(Role::Operator)
+        );
+        assert_eq!(needed(&Method::POST, "/v1/definitions"), Some(Role::Admin));
+        assert_eq!(
+            needed(&Method::DELETE, "/v1/schedules/x"),
+            Some(Role::Admin)
+        );
+        assert_eq!(needed(&Method::POST, "/v1/hooks/x"), None);
+        assert_eq!(needed(&Method::GET, "/v1/openapi.json"), None);
+        assert_eq!(needed(&Method::GET, "/metrics"), None);
+        // An unknown write path needs a token before it is told it does not exist.
+        assert_eq!(needed(&Method::PUT, "/v1/anything"), Some(Role::Operator));
+    }
+
+    #[test]
+    fn token_files_name_their_mistakes() {
+        let path = Path::new("tokens");
+        let hash = sha256_hex(b"secret-token");
+        let tokens = parse_tokens(&format!("# comment\n\nadmin {hash} ci\n"), path).unwrap();
+        assert_eq!(tokens[&hash].name, "ci");
+        assert_eq!(tokens[&hash].role, Role::Admin);
+        let err = parse_tokens("root abc\n", path).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("role"), "{err}");
+        let err = parse_tokens("viewer secret-token\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SHA-256"), "{err}");
+    }
+
+    #[test]
+    fn github_style_signatures_verify_the_body() {
+        let body = br#"{"order_id":"A-1"}"#;
+        let good = format!("sha256={}", mac_hex(b"s3cret", &[body]));
+        let now = SystemTime::now();
+        assert!(verify_signature(
+            b"s3cret",
+            &headers(&[("x-hub-signature-256", good.clone())]),
+            body,
+            now
+        )
+        .is_ok());
+        let other_body = br#"{"order_id":"A-2"}"#;
+        let refused = verify_signature(
+            b"s3cret",
+            &headers(&[("x-hub-signature-256", good)]),
+            other_body,
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        assert!(verify_signature(b"s3cret", &HeaderMap::new(), body, now).is_err());
+        let junk = headers(&[("x-hub-signature-256", "sha256=zz".into())]);
+        assert!(verify_signature(b"s3cret", &junk, body, now).is_err());
+    }
+
+    #[test]
+    fn stripe_style_signatures_expire() {
+        let body = b"{}";
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let sign = |t: u64| {
+            let t_text = t.to_string();
+            format!(
+                "t={t},v1={}",
+                mac_hex(b"k", &[t_text.as_bytes(), b".", body])
+            )
+        };
+        let fresh = headers(&[("edow-signature", sign(1_800_000_000 - 10))]);
+        assert!(verify_signature(b"k", &fresh, body, now).is_ok());
+        let stale = headers(&[("edow-signature", sign(1_800_000_000 - 600))]);
+        assert!(verify_signature(b"k", &stale, body, now).is_err());
+        let no_time = headers(&[("edow-signature", "v1=00".into())]);
+        assert!(verify_signature(b"k", &no_time, body, now).is_err());
+    }
+
+    #[test]
+    fn new_tokens_match_their_line() {
+        let (token, line) = new_token(Role::Operator, "deployer").unwrap();
+        let tokens = parse_tokens(&line, Path::new("t")).unwrap();
+        let found = &tokens[&sha256_hex(token.as_bytes())];
+        assert_eq!(
+            (found.role, found.name.as_str()),
+            (Role::Operator, "deployer")
+        );
+    }
+
+    #[test]
+    fn hook_names_cannot_leave_the_secrets_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("shop"), "k\n").unwrap();
+        let auth = Auth::new(None, Some(dir.path())).unwrap();
+        assert_eq!(auth.hook_secret("shop").unwrap(), Some(b"k".to_vec()));
+        for bad in ["../shop", ".", "..", "a/b", ""] {
+            assert_eq!(auth.hook_secret(bad).unwrap(), None, "{bad}");
+        }
+    }
+}
