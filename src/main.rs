@@ -61,15 +61,8 @@ struct Cli {
         default_value_t = 1
     )]
     replication_factor: i32,
-    /// A librdkafka setting over edow's own, as KEY=VALUE; repeat it, or comma-separate them in the variable.
-    #[arg(
-        long = "kafka-option",
-        global = true,
-        env = "EDOW_KAFKA_OPTIONS",
-        value_delimiter = ',',
-        value_parser = edow_kafka::args::parse_option
-    )]
-    kafka_options: Vec<(String, String)>,
+    #[command(flatten)]
+    kafka_settings: edow_kafka::settings::KafkaArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -226,7 +219,7 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let topics = Topics::new(cli.topic_prefix.clone());
     let mut kafka = Kafka::new(cli.bootstrap_servers.clone());
-    kafka.options = cli.kafka_options.clone();
+    kafka.options = cli.kafka_settings.settings()?;
     let codec = Arc::new(Codec::new(&cli.registry)?);
     let client = Client {
         kafka: kafka.clone(),

@@ -91,6 +91,7 @@ pub async fn list(client: &Client, args: ListArgs) -> anyhow::Result<()> {
         &client.topics,
         &partitions,
         false,
+        None,
     )
     .await?;
     let rows = tokio::task::spawn_blocking(move || index.list(&filter)).await??;
@@ -117,14 +118,18 @@ fn print_rows(rows: &[WorkflowRow]) {
 }
 
 fn rfc3339(epoch_ms: i64) -> String {
+    // humantime writes years up to 9999 only (its Display fails past them).
+    const YEAR_10000_MS: i64 = 253_402_300_800_000;
     u64::try_from(epoch_ms)
+        .ok()
+        .filter(|_| epoch_ms < YEAR_10000_MS)
         .map(|ms| {
             humantime::format_rfc3339_millis(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
             )
             .to_string()
         })
-        .unwrap_or_else(|_| epoch_ms.to_string())
+        .unwrap_or_else(|| epoch_ms.to_string())
 }
 
 /// `edow status ID`: the latest state from the changelog, with the lifecycle events when `history`.
@@ -141,6 +146,7 @@ pub async fn status(
         &client.topics,
         &[partition],
         history,
+        Some(id),
     )
     .await?;
     let lookup = id.to_string();

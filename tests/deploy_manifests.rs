@@ -180,7 +180,10 @@ fn compose_runs_the_orchestrator_and_scalable_workers_against_kafka_and_the_regi
         for key in service["environment"].as_mapping().unwrap().keys() {
             let key = key.as_str().unwrap();
             assert!(
-                key == "RUST_LOG" || read_by_binaries.contains(key),
+                // EDOW_KAFKA_<PROPERTY>: any librdkafka property (kafka/src/settings.rs).
+                key == "RUST_LOG"
+                    || key.starts_with("EDOW_KAFKA_")
+                    || read_by_binaries.contains(key),
                 "{name} sets {key}, which nothing reads"
             );
         }
@@ -259,7 +262,8 @@ fn k8s_manifests_are_namespaced_and_configure_what_the_binaries_read() {
     for key in data.keys() {
         let key = key.as_str().unwrap();
         assert!(
-            key == "RUST_LOG" || read_by_binaries.contains(key),
+            // EDOW_KAFKA_<PROPERTY>: any librdkafka property (kafka/src/settings.rs).
+            key == "RUST_LOG" || key.starts_with("EDOW_KAFKA_") || read_by_binaries.contains(key),
             "k8s/config.yaml sets {key}, which no edow binary reads"
         );
     }
@@ -528,4 +532,49 @@ fn the_api_beyond_loopback_is_served_with_mounted_tokens() {
         volume["secret"]["optional"], true,
         "a missing token Secret must not start an open API"
     );
+}
+
+#[test]
+fn k8s_kafka_credentials_come_from_secrets_never_from_plain_config() {
+    let kafka_key = |name: &str| {
+        name.strip_prefix("EDOW_KAFKA_")
+            .map(|rest| rest.to_ascii_lowercase().replace('_', "."))
+    };
+    for (file, doc) in k8s_documents() {
+        if doc["kind"] == "ConfigMap" {
+            for (name, _) in doc["data"].as_mapping().unwrap() {
+                let name = name.as_str().unwrap();
+                if let Some(key) = kafka_key(name) {
+                    assert!(
+                        !edow_kafka::settings::is_secret(&key),
+                        "{file}: the secret {name} sits in a ConfigMap"
+                    );
+                }
+            }
+        }
+        if doc["kind"] != "Deployment" {
+            continue;
+        }
+        let env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_sequence()
+            .unwrap();
+        let password = env
+            .iter()
+            .find(|e| e["name"] == "EDOW_KAFKA_SASL_PASSWORD")
+            .unwrap_or_else(|| panic!("{file}: no Kafka password for its principal"));
+        assert!(
+            password["value"].is_null()
+                && password["valueFrom"]["secretKeyRef"]["name"].is_string(),
+            "{file}: the Kafka password must come from a Secret"
+        );
+        for entry in env {
+            let name = entry["name"].as_str().unwrap();
+            if kafka_key(name).is_some_and(|k| edow_kafka::settings::is_secret(&k)) {
+                assert!(
+                    entry["value"].is_null(),
+                    "{file}: {name} is written in plain text"
+                );
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@ pub mod dead_letters;
 pub mod headers;
 pub mod murmur2;
 pub mod process;
+pub mod settings;
 
 use std::time::Duration;
 
@@ -28,8 +29,8 @@ pub const EVENT_ID_HEADER: &str = "edow.event-id";
 /// Header carrying the correlation id of a workflow.
 pub const CORRELATION_ID_HEADER: &str = "edow.correlation-id";
 
-/// How to reach the cluster, and the settings every edow client shares.
-#[derive(Debug, Clone)]
+/// How to reach the cluster, and the settings every edow client shares. Its `Debug` shows no secret.
+#[derive(Clone)]
 pub struct Kafka {
     pub bootstrap_servers: String,
     /// Consumer group session timeout: how long a dead member keeps its partitions.
@@ -37,6 +38,16 @@ pub struct Kafka {
     /// librdkafka settings given by the operator (`--kafka-option`), applied over edow's own to every client
     /// (security settings, tuning).
     pub options: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Kafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kafka")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("session_timeout", &self.session_timeout)
+            .field("options", &settings::redacted(&self.options))
+            .finish()
+    }
 }
 
 impl Kafka {
@@ -84,7 +95,10 @@ impl Kafka {
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", linger_ms.to_string())
-            .set("message.timeout.ms", "30000");
+            .set("message.timeout.ms", "30000")
+            // On by default: JSON payloads in Avro strings compress well, and lz4 costs little CPU. An operator
+            // may choose zstd or none (`--kafka-option compression.type=zstd`).
+            .set("compression.type", "lz4");
         self.finish(config)
             .create()
             .context("creating a Kafka producer")

@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     edow_kafka::process::init_logging(args.log.log_format);
     let _spans = edow_telemetry::trace::init_export("edow-orchestrator")?;
     let mut config = edow_orchestrator::Config::new(
-        args.cluster.kafka(),
+        args.cluster.kafka()?,
         args.cluster.registry.clone(),
         args.cluster.topics(),
     );

@@ -486,26 +486,28 @@ async fn change_of(
     }
 }
 
-/// The end offset of every partition the feeder reads, when it starts: it is caught up once past all of them.
-fn ends_now(
+/// The first and end offsets of every partition the feeder reads, when it starts: it is caught up once past all
+/// the ends.
+fn watermarks_now(
     kafka: &Kafka,
     assignment: &TopicPartitionList,
-) -> anyhow::Result<HashMap<(String, i32), i64>> {
+) -> anyhow::Result<HashMap<(String, i32), (i64, i64)>> {
     let reader = kafka.reader()?;
-    let mut ends = HashMap::new();
+    let mut marks = HashMap::new();
     for element in assignment.elements() {
         let (topic, partition) = (element.topic(), element.partition());
-        let (_, high) = reader
+        let watermarks = reader
             .fetch_watermarks(topic, partition, Duration::from_secs(10))
             .with_context(|| format!("reading the end of {topic}/{partition}"))?;
-        ends.insert((topic.to_string(), partition), high);
+        marks.insert((topic.to_string(), partition), watermarks);
     }
-    Ok(ends)
+    Ok(marks)
 }
 
 /// Keeps `index` fed from the state and events topics until `stop` resolves, and marks it caught up once it has
-/// read every partition to the end it had at the start (or found nothing more to read for [`IDLE_IS_CAUGHT_UP`]:
-/// compaction can leave a partition's last offsets empty, so that no record reaches its end).
+/// read every partition to the end it had at the start (or its polls found nothing, no record and no error, for
+/// [`IDLE_IS_CAUGHT_UP`]: compaction can leave a partition's last offsets empty, so that no record reaches its
+/// end; then readiness waits for a quiet moment of every partition).
 pub async fn feed(
     index: Visibility,
     kafka: Kafka,
@@ -530,28 +532,34 @@ pub async fn feed(
             assignment.add_partition_offset(&topic, partition, offset)?;
         }
     }
+    // Partitions with records to read up to the end they have now: a partition emptied by retention (its first
+    // offset at its end) has none.
     let mut behind: HashMap<(String, i32), i64> = if index.is_caught_up() {
         HashMap::new()
     } else {
         let (kafka, assignment) = (kafka.clone(), assignment.clone());
-        tokio::task::spawn_blocking(move || ends_now(&kafka, &assignment))
+        tokio::task::spawn_blocking(move || watermarks_now(&kafka, &assignment))
             .await??
             .into_iter()
-            .filter(|(at, end)| read_from.get(at).is_some_and(|from| from < end))
+            .filter(|(at, (low, high))| {
+                read_from.get(at).is_some_and(|from| *from.max(low) < *high)
+            })
+            .map(|(at, (_, high))| (at, high))
             .collect()
     };
     consumer.assign(&assignment)?;
     let (state_topic, events_topic) = (topics.state(), topics.events());
     let mut last_purge = std::time::Instant::now();
-    let mut last_record = std::time::Instant::now();
+    // Since when every poll found nothing (no record, no error); `None` while records come.
+    let mut idle_since: Option<std::time::Instant> = None;
     tokio::pin!(stop);
     loop {
-        if !index.is_caught_up() && (behind.is_empty() || last_record.elapsed() > IDLE_IS_CAUGHT_UP)
-        {
+        let idle_long = idle_since.is_some_and(|since| since.elapsed() > IDLE_IS_CAUGHT_UP);
+        if !index.is_caught_up() && (behind.is_empty() || idle_long) {
             index.caught_up.store(true, Ordering::Relaxed);
             tracing::info!(
-                workflows = index.len().unwrap_or(-1),
-                "the visibility index is caught up"
+                behind = behind.len(),
+                "the visibility index is caught up with what the topics held at start"
             );
         }
         let first = tokio::select! {
@@ -562,10 +570,13 @@ pub async fn feed(
         match first {
             Ok(Ok(msg)) => messages.push(msg),
             Ok(Err(e)) => {
+                idle_since = None;
                 tracing::warn!("reading for the visibility index: {e}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(_) => {}
+            Err(_) => {
+                idle_since.get_or_insert_with(std::time::Instant::now);
+            }
         }
         while !messages.is_empty() && messages.len() < BATCH {
             match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
@@ -574,7 +585,7 @@ pub async fn feed(
             }
         }
         if !messages.is_empty() {
-            last_record = std::time::Instant::now();
+            idle_since = None;
         }
         let mut changes = Vec::with_capacity(messages.len());
         let mut unreachable_registry = None;
@@ -629,14 +640,15 @@ pub async fn feed(
 }
 
 /// A one-off index of `partitions` as they are now, read from `edow.state` (and `edow.events` with `events`) to
-/// their ends: what the CLI lists and shows without an orchestrator's API. Held in a temporary file, one chunk
-/// of records in memory at a time.
+/// their ends, of every workflow or `only` one: what the CLI lists and shows without an orchestrator's API. Held
+/// in a temporary file, one chunk of records in memory at a time.
 pub async fn snapshot(
     kafka: &Kafka,
     codec: &Codec,
     topics: &Topics,
     partitions: &[i32],
     events: bool,
+    only: Option<&str>,
 ) -> anyhow::Result<Visibility> {
     let index = Visibility::open(None)?;
     let (state_topic, events_topic) = (topics.state(), topics.events());
@@ -650,6 +662,9 @@ pub async fn snapshot(
             while let Some(chunk) = chunks.recv().await {
                 let mut changes = Vec::with_capacity(BATCH);
                 for msg in chunk? {
+                    if only.is_some_and(|id| msg.key() != Some(id.as_bytes())) {
+                        continue;
+                    }
                     match change_of(codec, &state_topic, &events_topic, &msg).await {
                         Ok(Some(change)) => changes.push(change),
                         Ok(None) => {}

@@ -261,12 +261,22 @@ impl Drop for Process {
 }
 
 /// A nisshi broker on a free loopback port, with in-memory storage or durable (sqlite) storage that survives
-/// [`Broker::restart`].
+/// [`Broker::restart`]; or secured ([`Broker::start_secured`]): behind a TLS terminator, requiring SASL, or both.
 pub struct Broker {
     process: Process,
     port: u16,
     durable: bool,
     dir: TempDir,
+    tls: Option<Tls>,
+    /// SCRAM-SHA-512 users (name, password); the broker requires authentication when there are any.
+    users: Vec<(String, String)>,
+}
+
+/// stunnel in front of the broker: clients reach it only over TLS, since the broker advertises this port.
+struct Tls {
+    terminator: Process,
+    port: u16,
+    ca: PathBuf,
 }
 
 impl Broker {
@@ -287,18 +297,172 @@ impl Broker {
             .tempdir()
             .expect("creating broker data dir");
         let port = free_port();
-        let process = Broker::spawn(port, durable, dir.path(), 1);
+        let process = Broker::spawn(port, port, durable, false, dir.path(), 1);
         Broker {
             process,
             port,
             durable,
             dir,
+            tls: None,
+            users: Vec::new(),
         }
     }
 
-    fn spawn(port: u16, durable: bool, dir: &Path, run: usize) -> Process {
+    /// A broker reached only through a TLS terminator (Debian's stunnel4, which scripts/test installs) with a
+    /// self-signed certificate for 127.0.0.1, when `tls`; requiring SASL SCRAM-SHA-512 as one of `users`
+    /// (name, password), when there are any (then its storage is sqlite, where nisshi keeps users). The broker
+    /// advertises the TLS port, so every client, once bootstrapped, connects through it.
+    /// [`Broker::client_settings`] and [`Broker::password_of`] are what a client needs.
+    pub fn start_secured(tls: bool, users: &[(&str, &str)]) -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("edow-broker-secured-")
+            .tempdir()
+            .expect("creating broker data dir");
+        let (port, tls_port) = (free_port(), free_port());
+        let advertised = if tls { tls_port } else { port };
+        let durable = !users.is_empty();
+        let mut process = Broker::spawn(port, advertised, durable, false, dir.path(), 1);
+        if !users.is_empty() {
+            // nisshi stores users through its own admin client, which does not authenticate: make them first,
+            // then restart the broker requiring authentication.
+            for (name, password) in users {
+                let made = Command::new(broker_binary())
+                    .args(["user", "create", "--broker"])
+                    .arg(format!("tcp://127.0.0.1:{port}"))
+                    .args([name, password])
+                    .output()
+                    .expect("running nisshi user create");
+                assert!(
+                    made.status.success(),
+                    "nisshi user create {name}: {}",
+                    String::from_utf8_lossy(&made.stderr)
+                );
+            }
+            process.terminate(Duration::from_secs(10));
+            process = Broker::spawn(port, advertised, durable, true, dir.path(), 2);
+        }
+        let tls = tls.then(|| Broker::terminate_tls(dir.path(), tls_port, port));
+        Broker {
+            process,
+            port,
+            durable,
+            dir,
+            tls,
+            users: users
+                .iter()
+                .map(|(n, p)| (n.to_string(), p.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Starts stunnel accepting TLS on `tls_port` for the broker's `port`, with a new self-signed certificate.
+    fn terminate_tls(dir: &Path, tls_port: u16, port: u16) -> Tls {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+            ])
+            .arg("/CN=localhost")
+            .args([
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("running openssl to make a test certificate (scripts/test installs openssl)");
+        assert!(
+            made.status.success(),
+            "openssl could not make a certificate: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let config = dir.join("stunnel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "foreground = yes\npid =\ndebug = 5\n[kafka]\naccept = 127.0.0.1:{tls_port}\n\
+                 connect = 127.0.0.1:{port}\ncert = {}\nkey = {}\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let stunnel = ["/usr/bin/stunnel4", "/usr/bin/stunnel"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect(
+                "stunnel4 is not installed: `apt-get install stunnel4` (scripts/test installs it)",
+            );
+        let mut terminator = Process::spawn(
+            "stunnel",
+            &stunnel,
+            &[config.display().to_string()],
+            dir,
+            dir.join("stunnel.log"),
+        );
+        terminator.wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], tls_port)),
+            Duration::from_secs(30),
+        );
+        Tls {
+            terminator,
+            port: tls_port,
+            ca: cert,
+        }
+    }
+
+    /// The librdkafka settings, secrets aside, that a client needs besides the bootstrap servers: the security
+    /// protocol, the test CA, the SASL mechanism; none for a plain broker. With SASL, add `sasl.username` and
+    /// `sasl.password` of one of the users ([`Broker::password_of`]).
+    pub fn client_settings(&self) -> Vec<(String, String)> {
+        let protocol = match (self.tls.is_some(), !self.users.is_empty()) {
+            (false, false) => return Vec::new(),
+            (true, false) => "SSL",
+            (false, true) => "SASL_PLAINTEXT",
+            (true, true) => "SASL_SSL",
+        };
+        let mut settings = vec![("security.protocol".to_string(), protocol.to_string())];
+        if let Some(tls) = &self.tls {
+            settings.push(("ssl.ca.location".into(), tls.ca.display().to_string()));
+        }
+        if !self.users.is_empty() {
+            settings.push(("sasl.mechanism".into(), "SCRAM-SHA-512".into()));
+        }
+        settings
+    }
+
+    /// The password of SASL user `name`, if the broker has one.
+    pub fn password_of(&self, name: &str) -> Option<String> {
+        self.users
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.clone())
+    }
+
+    /// Whether the broker requires SASL.
+    pub fn requires_sasl(&self) -> bool {
+        !self.users.is_empty()
+    }
+
+    /// What the TLS terminator logged (connections it accepted), if there is one.
+    pub fn terminator_log(&self) -> Option<String> {
+        self.tls.as_ref().map(|t| t.terminator.log())
+    }
+
+    fn spawn(
+        port: u16,
+        advertised: u16,
+        durable: bool,
+        authentication: bool,
+        dir: &Path,
+        run: usize,
+    ) -> Process {
         let binary = broker_binary();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         // The sqlite path is taken relative to the working directory, which is the broker's own directory.
         let storage = if durable {
             "sqlite://broker.db?maintenance_interval=5s"
@@ -310,10 +474,13 @@ impl Broker {
             "--listener-url".into(),
             url.clone(),
             "--advertised-listener-url".into(),
-            url,
+            advertised,
             "--storage-engine".into(),
             storage.into(),
         ];
+        if authentication {
+            args.push("--authentication".into());
+        }
         if binary.to_string_lossy().contains("nisshi-0.8") {
             args.extend(["--group-initial-rebalance-delay".into(), "100ms".into()]);
         }
@@ -334,18 +501,32 @@ impl Broker {
         let runs = std::fs::read_dir(self.dir.path())
             .map(|d| d.count())
             .unwrap_or(0);
-        self.process = Broker::spawn(self.port, self.durable, self.dir.path(), runs + 1);
+        let advertised = self.tls.as_ref().map_or(self.port, |t| t.port);
+        self.process = Broker::spawn(
+            self.port,
+            advertised,
+            self.durable,
+            self.requires_sasl(),
+            self.dir.path(),
+            runs + 1,
+        );
     }
 
-    /// `host:port` for `bootstrap.servers`.
+    /// `host:port` for `bootstrap.servers` (the TLS port behind [`Broker::start_tls`]).
     pub fn bootstrap_servers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!(
+            "127.0.0.1:{}",
+            self.tls.as_ref().map_or(self.port, |t| t.port)
+        )
     }
 
     pub fn process(&mut self) -> &mut Process {
         &mut self.process
     }
 }
+
+/// The SASL user an `edow-registry` connects as, when its broker requires SASL.
+pub const REGISTRY_PRINCIPAL: &str = "edow-registry";
 
 /// An `edow-registry` process on a free loopback port, serving once it has read its whole log.
 pub struct Registry {
@@ -373,9 +554,22 @@ impl Registry {
             "--bootstrap-servers".into(),
             broker.bootstrap_servers(),
         ];
+        for (key, value) in broker.client_settings() {
+            args.extend(["--kafka-option".into(), format!("{key}={value}")]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
+        // The registry's own principal; its password in the environment, as secrets must be.
+        let mut env = Vec::new();
+        if let Some(password) = broker.password_of(REGISTRY_PRINCIPAL) {
+            env.push((
+                "EDOW_KAFKA_SASL_USERNAME".to_string(),
+                REGISTRY_PRINCIPAL.to_string(),
+            ));
+            env.push(("EDOW_KAFKA_SASL_PASSWORD".to_string(), password));
+        }
         let log = dir.path().join("registry.log");
-        let mut process = Process::spawn("edow-registry", &binary, &args, dir.path(), log);
+        let mut process =
+            Process::spawn_with_env("edow-registry", &binary, &args, dir.path(), log, &env);
         process.wait_for_port(
             SocketAddr::from(([127, 0, 0, 1], port)),
             Duration::from_secs(60),

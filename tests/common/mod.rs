@@ -16,6 +16,26 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 pub const PARTITIONS: i32 = 4;
 
+/// The SASL users of a secured cluster: one per kind of process, as production gives each its own ACLs.
+pub const PRINCIPALS: [&str; 5] = [
+    "edow-orchestrator",
+    "edow-worker",
+    edow_testkit::REGISTRY_PRINCIPAL,
+    "edow-cli",
+    "edow-test",
+];
+
+/// A test password per principal, different for each.
+pub fn password_for(principal: &str) -> &'static str {
+    match principal {
+        "edow-orchestrator" => "orchestrator-pw-1f4e",
+        "edow-worker" => "worker-pw-93ab",
+        "edow-registry" => "registry-pw-5c2d",
+        "edow-cli" => "cli-pw-77e0",
+        _ => "test-pw-0b1d",
+    }
+}
+
 pub struct Cluster {
     pub broker: Broker,
     pub registry: Registry,
@@ -35,9 +55,26 @@ impl Cluster {
         Cluster::with_broker(Broker::start_durable())
     }
 
+    /// A cluster whose broker is reached over TLS only (through stunnel) and requires SASL SCRAM-SHA-512: every
+    /// process gets the settings as `EDOW_KAFKA_*` variables and logs in as its own principal ([`PRINCIPALS`]).
+    pub fn start_secured() -> Cluster {
+        let users: Vec<(&str, &str)> = PRINCIPALS
+            .iter()
+            .map(|name| (*name, password_for(name)))
+            .collect();
+        Cluster::with_broker(Broker::start_secured(true, &users))
+    }
+
     fn with_broker(broker: Broker) -> Cluster {
         let registry = Registry::start(&broker);
-        let kafka = Kafka::new(broker.bootstrap_servers());
+        let mut kafka = Kafka::new(broker.bootstrap_servers());
+        kafka.options = broker.client_settings();
+        if let Some(password) = broker.password_of("edow-test") {
+            kafka
+                .options
+                .push(("sasl.username".into(), "edow-test".into()));
+            kafka.options.push(("sasl.password".into(), password));
+        }
         let codec = Codec::new(&registry.url()).unwrap();
         Cluster {
             broker,
@@ -49,13 +86,33 @@ impl Cluster {
         }
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
+    /// What every process gets, logged in to a secured broker as `principal`.
+    fn env_as(&self, principal: &str) -> Vec<(&'static str, String)> {
+        let mut env = vec![
             ("EDOW_BOOTSTRAP_SERVERS", self.broker.bootstrap_servers()),
             ("EDOW_SCHEMA_REGISTRY_URL", self.registry.url()),
             ("EDOW_PARTITIONS", PARTITIONS.to_string()),
             ("EDOW_TASK_PARTITIONS", PARTITIONS.to_string()),
-        ]
+        ];
+        for (key, value) in self.broker.client_settings() {
+            let name = match key.as_str() {
+                "security.protocol" => "EDOW_KAFKA_SECURITY_PROTOCOL",
+                "ssl.ca.location" => "EDOW_KAFKA_SSL_CA_LOCATION",
+                "sasl.mechanism" => "EDOW_KAFKA_SASL_MECHANISM",
+                other => panic!("no variable for {other}"),
+            };
+            env.push((name, value));
+        }
+        if let Some(password) = self.broker.password_of(principal) {
+            env.push(("EDOW_KAFKA_SASL_USERNAME", principal.to_string()));
+            env.push(("EDOW_KAFKA_SASL_PASSWORD", password));
+        }
+        env
+    }
+
+    /// The environment of a process that is none of the usual ones.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        self.env_as("edow-cli")
     }
 
     pub fn orchestrator(&self) -> Binary {
@@ -70,7 +127,7 @@ impl Cluster {
     /// An orchestrator with extra command-line arguments and environment.
     pub fn orchestrator_with_env(&self, args: &[&str], env: &[(&'static str, String)]) -> Binary {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let mut all = self.env();
+        let mut all = self.env_as("edow-orchestrator");
         all.extend(env.iter().cloned());
         Binary::start("edow-orchestrator", "orchestrator", &args, &all)
     }
@@ -106,7 +163,7 @@ impl Cluster {
         for task in tasks {
             args.extend(["--task".to_string(), task.to_string()]);
         }
-        let mut env = self.env();
+        let mut env = self.env_as("edow-worker");
         env.push(("RUST_LOG", "info,edow_worker=debug".into()));
         env.extend(extra_env.iter().cloned());
         Binary::start("edow-worker", "worker", &args, &env)

@@ -77,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
         format!("{}-{}", host.trim(), std::process::id())
     });
     let config = edow_worker::Config {
-        kafka: args.cluster.kafka(),
+        kafka: args.cluster.kafka()?,
         topics: args.cluster.topics(),
         registry_url: args.cluster.registry,
         group: args.group,

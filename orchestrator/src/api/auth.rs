@@ -8,7 +8,9 @@
 //! Webhooks carry no token: their senders sign the body with a secret of the hook's own, in GitHub's style
 //! (`X-Hub-Signature-256: sha256=HEX`, an HMAC-SHA256 of the body) or Stripe's (`Edow-Signature: t=UNIX,v1=HEX`,
 //! an HMAC-SHA256 of `t.body`, refused when `t` is more than five minutes away). The secret of hook `W` is the
-//! file `W` of the hook secrets directory. A hook without a secret takes an operator's token instead while
+//! file `W` of the hook secrets directory. Only the body (and the timestamp) is signed, so a signed delivery's
+//! instance id comes from the body alone, or from its signature when the hook declares no id: a replay, with
+//! whatever other headers, starts nothing new. A hook without a secret takes an operator's token instead while
 //! authentication is on, so that no unauthenticated request reaches Kafka.
 //!
 //! `/healthz`, `/readyz`, `/metrics` and `/v1/openapi.json` stay open: probes and scrapers hold no token, and none
@@ -137,9 +139,9 @@ impl Auth {
         let Some(dir) = &self.hook_secrets else {
             return Ok(None);
         };
-        // A workflow name from the path must not walk out of the directory.
-        let safe = !workflow.is_empty()
-            && !workflow.starts_with('.')
+        // A workflow name from the path must not walk out of the directory: names are `[A-Za-z0-9._-]`, so only
+        // `.` and `..` could.
+        let safe = !matches!(workflow, "" | "." | "..")
             && workflow
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
@@ -149,7 +151,13 @@ impl Auth {
         match read_bounded(&dir.join(workflow)) {
             Ok(secret) => {
                 let secret = secret.trim_ascii().to_vec();
-                Ok((!secret.is_empty()).then_some(secret))
+                if secret.is_empty() {
+                    // An emptied secret must not open the hook.
+                    return Err(ApiError::unavailable(format!(
+                        "the secret file of hook {workflow} is empty; write the secret into it, or remove it"
+                    )));
+                }
+                Ok(Some(secret))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ApiError::unavailable(format!(
@@ -165,9 +173,11 @@ impl Auth {
         workflow: &str,
         headers: &HeaderMap,
         body: &[u8],
-    ) -> Result<(), ApiError> {
+    ) -> Result<Delivery, ApiError> {
         match self.hook_secret(workflow)? {
-            Some(secret) => verify_signature(&secret, headers, body, SystemTime::now()),
+            Some(secret) => {
+                verify_signature(&secret, headers, body, SystemTime::now()).map(Delivery::Signed)
+            }
             None if self.is_on() => {
                 let principal = self.principal(headers).map_err(|_| {
                     unauthorized(format!(
@@ -175,11 +185,22 @@ impl Auth {
                          secret (a file named {workflow} in the hook secrets directory) and sign deliveries"
                     ))
                 })?;
-                require(&principal, Role::Operator)
+                require(&principal, Role::Operator).map(|()| Delivery::Trusted)
             }
-            None => Ok(()),
+            None => Ok(Delivery::Trusted),
         }
     }
+}
+
+/// How a webhook delivery was let in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Signed with the hook's secret; the signature (hex). Only the body (and a Stripe-style timestamp) is
+    /// signed, so nothing else of the request may choose the instance id: a replay with other headers would
+    /// start new workflows.
+    Signed(String),
+    /// By an operator's token, or with authentication off.
+    Trusted,
 }
 
 /// The role a request needs, from its method and path; `None`: open, or checked by its handler (hooks).
@@ -387,7 +408,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())
@@ -416,12 +437,14 @@ fn verify_signature(
     headers: &HeaderMap,
     body: &[u8],
     now: SystemTime,
-) -> Result<(), ApiError> {
+) -> Result<String, ApiError> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(value) = header("x-hub-signature-256") {
-        let hex = value.strip_prefix("sha256=").unwrap_or(value);
+        let Some(hex) = value.strip_prefix("sha256=") else {
+            return Err(unsigned("X-Hub-Signature-256", "write it as sha256=HEX"));
+        };
         if signed(secret, &[body], hex) {
-            return Ok(());
+            return Ok(hex.trim().to_ascii_lowercase());
         }
         return Err(unsigned(
             "X-Hub-Signature-256",
@@ -444,7 +467,9 @@ fn verify_signature(
                 "write it as t=UNIX_SECONDS,v1=HEX",
             ));
         };
-        let sent = SystemTime::UNIX_EPOCH + Duration::from_secs(timestamp);
+        let Some(sent) = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(timestamp)) else {
+            return Err(unsigned("Edow-Signature", "its timestamp is not a time"));
+        };
         let skew = now
             .duration_since(sent)
             .or_else(|_| sent.duration_since(now))
@@ -456,11 +481,11 @@ fn verify_signature(
             ));
         }
         let t = timestamp.to_string();
-        if signatures
+        if let Some(good) = signatures
             .iter()
-            .any(|s| signed(secret, &[t.as_bytes(), b".", body], s))
+            .find(|s| signed(secret, &[t.as_bytes(), b".", body], s))
         {
-            return Ok(());
+            return Ok(good.trim().to_ascii_lowercase());
         }
         return Err(unsigned(
             "Edow-Signature",
@@ -589,6 +614,13 @@ mod tests {
         assert!(verify_signature(b"k", &stale, body, now).is_err());
         let no_time = headers(&[("edow-signature", "v1=00".into())]);
         assert!(verify_signature(b"k", &no_time, body, now).is_err());
+        // A timestamp past what a clock holds is refused, not a panic.
+        let huge = headers(&[("edow-signature", format!("t={},v1=00", u64::MAX))]);
+        assert!(verify_signature(b"k", &huge, body, now).is_err());
+        let future = headers(&[("edow-signature", sign(1_800_000_000 + 600))]);
+        assert!(verify_signature(b"k", &future, body, now).is_err());
+        let plus = headers(&[("edow-signature", "t=1800000000,v1=+a".to_string())]);
+        assert!(verify_signature(b"k", &plus, body, now).is_err());
     }
 
     #[test]
@@ -611,5 +643,12 @@ mod tests {
         for bad in ["../shop", ".", "..", "a/b", ""] {
             assert_eq!(auth.hook_secret(bad).unwrap(), None, "{bad}");
         }
+        std::fs::write(dir.path().join(".hidden"), "h").unwrap();
+        assert_eq!(auth.hook_secret(".hidden").unwrap(), Some(b"h".to_vec()));
+        std::fs::write(dir.path().join("emptied"), " \n").unwrap();
+        assert!(
+            auth.hook_secret("emptied").is_err(),
+            "an emptied secret must not open the hook"
+        );
     }
 }

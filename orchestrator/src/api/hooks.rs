@@ -1,7 +1,8 @@
 //! `POST /v1/hooks/{workflow}`: any JSON body becomes the input of a new instance of `workflow`. The instance id
 //! comes from the definition's `hook: {id: EXPRESSION}` evaluated over `{body, headers}` (as `<workflow>:<value>`),
 //! so a webhook its sender delivers again starts nothing new; without a `hook`, from an `Idempotency-Key` header,
-//! else a new id.
+//! else a new id. For a hook with a secret only what is signed counts: the expression sees the body but no
+//! headers, and without a `hook` the id comes from the signature (see `auth`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use axum::Json;
 use edow_engine::Definition;
 use serde_json::{json, Value};
 
+use super::auth::Delivery;
 use super::{path_segment, trace_of, Api, ApiError};
 use crate::client::StartRequest;
 
@@ -83,7 +85,11 @@ pub async fn hook(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     // Before anything else, so that an unsigned delivery costs no read of the cluster.
-    api.auth.check_hook(&workflow, &headers, &body)?;
+    let delivery = api.auth.check_hook(&workflow, &headers, &body)?;
+    let signature = match &delivery {
+        Delivery::Signed(signature) => Some(signature.clone()),
+        Delivery::Trusted => None,
+    };
     let text =
         std::str::from_utf8(&body).map_err(|_| ApiError::bad("body", "must be UTF-8 JSON"))?;
     api.client
@@ -101,8 +107,10 @@ pub async fn hook(
     };
     let id = match &definition.hook {
         Some(hook) => {
+            // Headers are not signed: a signed hook's id must not depend on them.
             let visible: serde_json::Map<String, Value> = headers
                 .iter()
+                .filter(|_| signature.is_none())
                 .filter_map(|(k, v)| {
                     Some((
                         k.as_str().to_string(),
@@ -132,7 +140,10 @@ pub async fn hook(
             };
             Some(format!("{workflow}:{value}"))
         }
-        None => None,
+        // The same signed delivery again (a replay, or the sender's retry) is the same instance.
+        None => signature
+            .as_ref()
+            .map(|s| format!("{workflow}:sig-{}", &s[..s.len().min(32)])),
     };
     let started = api
         .client
@@ -141,7 +152,7 @@ pub async fn hook(
             id,
             input: text.to_string(),
             correlation_id: header("x-correlation-id"),
-            idempotency_key: header("idempotency-key"),
+            idempotency_key: header("idempotency-key").filter(|_| signature.is_none()),
             trace: trace_of(&headers),
             ..StartRequest::default()
         })

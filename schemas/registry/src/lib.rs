@@ -11,10 +11,12 @@ use std::net::SocketAddr;
 use anyhow::Context;
 
 /// Where the registry listens and keeps its schemas.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub bootstrap_servers: String,
+    /// The operator's librdkafka settings (security, tuning); their secrets are never shown.
+    pub kafka_options: Vec<(String, String)>,
     pub topic: String,
     pub replication_factor: i32,
 }
@@ -27,6 +29,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let log = log::SchemaLog::open(
         &config.bootstrap_servers,
+        &config.kafka_options,
         &config.topic,
         config.replication_factor,
     )

@@ -49,14 +49,22 @@ pub struct SchemaLog {
 impl SchemaLog {
     /// Creates the topic when missing, starts reading it from the beginning, and returns once the whole
     /// existing log has been applied.
-    pub async fn open(bootstrap: &str, topic: &str, replication: i32) -> anyhow::Result<SchemaLog> {
-        ensure_topic(bootstrap, topic, replication).await?;
+    /// `options` are the operator's librdkafka settings (security, tuning), applied over the registry's own.
+    pub async fn open(
+        bootstrap: &str,
+        options: &[(String, String)],
+        topic: &str,
+        replication: i32,
+    ) -> anyhow::Result<SchemaLog> {
+        ensure_topic(bootstrap, options, topic, replication).await?;
 
-        let producer: FutureProducer = ClientConfig::new()
+        let mut producer = ClientConfig::new();
+        producer
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "0")
+            .set("linger.ms", "0");
+        let producer: FutureProducer = with_options(producer, options)
             .create()
             .context("creating the registry's Kafka producer")?;
 
@@ -69,7 +77,7 @@ impl SchemaLog {
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10");
         let reader = Reader {
-            config: consumer_config,
+            config: with_options(consumer_config, options),
             topic: topic.to_string(),
         };
         // The first read is started here so that a consumer that cannot be created fails `open`.
@@ -366,9 +374,23 @@ impl Sequencer {
     }
 }
 
-async fn ensure_topic(bootstrap: &str, topic: &str, replication: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+/// `config` with the operator's settings over it.
+fn with_options(mut config: ClientConfig, options: &[(String, String)]) -> ClientConfig {
+    for (key, value) in options.iter().filter(|(k, _)| !k.is_empty()) {
+        config.set(key, value);
+    }
+    config
+}
+
+async fn ensure_topic(
+    bootstrap: &str,
+    options: &[(String, String)],
+    topic: &str,
+    replication: i32,
+) -> anyhow::Result<()> {
+    let mut admin = ClientConfig::new();
+    admin.set("bootstrap.servers", bootstrap);
+    let admin: AdminClient<DefaultClientContext> = with_options(admin, options)
         .create()
         .context("creating the registry's Kafka admin client")?;
     let new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(replication))

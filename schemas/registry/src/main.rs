@@ -23,6 +23,8 @@ struct Args {
     /// Replication factor used when the topic has to be created.
     #[arg(long, env = "EDOW_REGISTRY_REPLICATION_FACTOR", default_value_t = 1)]
     replication_factor: i32,
+    #[command(flatten)]
+    kafka: edow_kafka::settings::KafkaArgs,
 }
 
 #[tokio::main]
@@ -37,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let config = edow_registry::Config {
         listen: args.listen,
         bootstrap_servers: args.bootstrap_servers,
+        kafka_options: args.kafka.settings()?,
         topic: args.topic,
         replication_factor: args.replication_factor,
     };

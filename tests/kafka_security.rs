@@ -1,0 +1,115 @@
+//! Every client of every binary on a secured broker: reached only over TLS (through a terminator, stunnel) and
+//! requiring SASL SCRAM-SHA-512, each process logged in as its own principal. The registry, orchestrator, worker
+//! and CLI take their settings the ways the Kafka ecosystem gives them (`EDOW_KAFKA_*` variables, a client
+//! properties file, `--kafka-option`); a wrong password fails cleanly, secrets are refused on flags and never
+//! logged.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{ended, password_for, Cluster};
+use edow_schemas::contracts::LifecycleKind;
+use edow_testkit::Binary;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflows_run_end_to_end_with_every_client_on_sasl_over_tls() {
+    let cluster = Cluster::start_secured();
+    let orchestrator = cluster.orchestrator();
+    cluster.wait_for_topics();
+
+    // The worker gets all its Kafka settings, its password included, from a properties file: no EDOW_KAFKA_*
+    // variable at all.
+    let dir = tempfile::tempdir().unwrap();
+    let properties = dir.path().join("client.properties");
+    let settings: String = cluster
+        .broker
+        .client_settings()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}\n"))
+        .collect();
+    let worker_password = password_for("edow-worker");
+    std::fs::write(
+        &properties,
+        format!(
+            "# as a Java client reads it\n{settings}sasl.username=edow-worker\nsasl.password={worker_password}\n"
+        ),
+    )
+    .unwrap();
+    let worker = Binary::start(
+        "edow-worker",
+        "worker",
+        &[
+            "--kafka-config".to_string(),
+            properties.display().to_string(),
+            "--task".into(),
+            "secure.echo=echo".into(),
+        ],
+        &[
+            ("EDOW_BOOTSTRAP_SERVERS", cluster.broker.bootstrap_servers()),
+            ("EDOW_SCHEMA_REGISTRY_URL", cluster.registry.url()),
+            ("EDOW_PARTITIONS", common::PARTITIONS.to_string()),
+            ("EDOW_TASK_PARTITIONS", common::PARTITIONS.to_string()),
+        ],
+    );
+
+    cluster.deploy(
+        "name: secured\nsteps:\n  - { name: a, task: secure.echo }\n  - { name: b, task: secure.echo }\n",
+    );
+    let workflows: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("secure-{i}"), format!(r#"{{"n": {i}}}"#)))
+        .collect();
+    cluster.start_many("secured", &workflows).await;
+    let mut events = cluster.events();
+    events
+        .until(Duration::from_secs(90), |seen| ended(seen) >= 20)
+        .await;
+    let completed = events.per_workflow(LifecycleKind::WorkflowCompleted);
+    assert_eq!(completed.len(), 20);
+    assert!(completed.values().all(|e| e.len() == 1));
+
+    // The CLI reads as its own principal (settings from the environment).
+    let (ok, out, err) = cluster.cli(&["status", "secure-7", "--output", "json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Completed"), "{out}");
+
+    // Everything went through the terminator: the broker advertises only the TLS port.
+    let terminator = cluster.broker.terminator_log().unwrap();
+    let accepted = terminator.matches("accepted connection").count();
+    assert!(accepted >= 4, "{accepted} TLS connections:\n{terminator}");
+
+    // A wrong password is refused by the broker, and the CLI says so instead of hanging.
+    let started = std::time::Instant::now();
+    let refused = Command::new(env!("CARGO_BIN_EXE_edow"))
+        .args(["definitions"])
+        .envs(cluster.env())
+        .env("EDOW_KAFKA_SASL_PASSWORD", "not-the-password")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "a wrong password took {:?}",
+        started.elapsed()
+    );
+
+    // A secret on a flag is refused without being echoed; no log holds a password.
+    let secret = "on-a-flag-7f3a9c";
+    let (ok, _, err) = cluster.cli(&["--kafka-option", &format!("sasl.password={secret}"), "list"]);
+    assert!(!ok && err.contains("EDOW_KAFKA_SASL_PASSWORD"), "{err}");
+    assert!(!err.contains(secret), "{err}");
+    for (name, log, password) in [
+        (
+            "orchestrator",
+            orchestrator.log(),
+            password_for("edow-orchestrator"),
+        ),
+        ("worker", worker.log(), worker_password),
+    ] {
+        assert!(
+            !log.contains(password),
+            "the {name} logged its password:\n{log}"
+        );
+    }
+}
