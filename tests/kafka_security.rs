@@ -1,5 +1,6 @@
-//! Every client of every binary on a secured broker: reached only over TLS (through a terminator, stunnel) and
-//! requiring SASL SCRAM-SHA-512, each process logged in as its own principal. The registry, orchestrator, worker
+//! Every client of every binary on a secured cluster: the broker reached only over TLS (through a terminator,
+//! stunnel) and requiring SASL SCRAM-SHA-512, each process logged in as its own principal; the registry served
+//! over https and requiring basic auth, with a read-only role. The registry, orchestrator, worker
 //! and CLI take their settings the ways the Kafka ecosystem gives them (`EDOW_KAFKA_*` variables, a client
 //! properties file, `--kafka-option`); a wrong password fails cleanly, secrets are refused on flags and never
 //! logged.
@@ -9,7 +10,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ended, password_for, Cluster};
+use common::{ended, password_for, Cluster, REGISTRY_USERS};
 use edow_schemas::contracts::LifecycleKind;
 use edow_testkit::Binary;
 
@@ -49,6 +50,14 @@ async fn workflows_run_end_to_end_with_every_client_on_sasl_over_tls() {
         &[
             ("EDOW_BOOTSTRAP_SERVERS", cluster.broker.bootstrap_servers()),
             ("EDOW_SCHEMA_REGISTRY_URL", cluster.registry.url()),
+            (
+                "EDOW_SCHEMA_REGISTRY_CA_LOCATION",
+                cluster.registry.ca().unwrap().display().to_string(),
+            ),
+            (
+                "EDOW_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                format!("{}:{}", REGISTRY_USERS[0].1, REGISTRY_USERS[0].2),
+            ),
             ("EDOW_PARTITIONS", common::PARTITIONS.to_string()),
             ("EDOW_TASK_PARTITIONS", common::PARTITIONS.to_string()),
         ],
@@ -112,4 +121,51 @@ async fn workflows_run_end_to_end_with_every_client_on_sasl_over_tls() {
             "the {name} logged its password:\n{log}"
         );
     }
+
+    registry_refuses_who_may_not(&cluster).await;
+}
+
+/// The registry over https: no credentials or a wrong password is 401, a read-only user's write is 403.
+async fn registry_refuses_who_may_not(cluster: &Cluster) {
+    let ca = std::fs::read(cluster.registry.ca().unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let base = cluster.registry.url();
+    assert!(base.starts_with("https://"), "{base}");
+    let (admin, reader) = (REGISTRY_USERS[0], REGISTRY_USERS[1]);
+    let get = |user: Option<(&str, &str)>| {
+        let mut request = client.get(format!("{base}/subjects"));
+        if let Some((name, password)) = user {
+            request = request.basic_auth(name, Some(password));
+        }
+        request.send()
+    };
+    let response = get(None).await.unwrap();
+    assert_eq!(response.status(), 401);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error_code"], 40101, "{body}");
+    assert_eq!(get(Some((reader.1, "wrong"))).await.unwrap().status(), 401);
+    let subjects = get(Some((reader.1, reader.2))).await.unwrap();
+    assert_eq!(subjects.status(), 200);
+    let subjects: Vec<String> = subjects.json().await.unwrap();
+    assert!(
+        subjects.iter().any(|s| s.starts_with("edow.")),
+        "{subjects:?}"
+    );
+    let register = |user: (&str, &str)| {
+        client
+            .post(format!("{base}/subjects/probe-value/versions"))
+            .basic_auth(user.0, Some(user.1))
+            .header("content-type", "application/vnd.schemaregistry.v1+json")
+            .body(r#"{"schema": "\"string\""}"#)
+            .send()
+    };
+    let refused = register((reader.1, reader.2)).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error_code"], 40301, "{body}");
+    assert_eq!(register((admin.1, admin.2)).await.unwrap().status(), 200);
 }

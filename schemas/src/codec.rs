@@ -98,6 +98,54 @@ pub fn schema_id(bytes: &[u8]) -> Option<u32> {
     }
 }
 
+/// How to reach the schema registry beyond its URL: basic auth (Confluent's `basic.auth.user.info`) and a CA
+/// for https with a private certificate authority. Its `Debug` shows no password.
+#[derive(Clone, Default)]
+pub struct RegistryAccess {
+    pub basic_auth: Option<(String, String)>,
+    /// A PEM certificate trusted besides the system's.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RegistryAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAccess")
+            .field("user", &self.basic_auth.as_ref().map(|(u, _)| u))
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .finish()
+    }
+}
+
+/// The variable holding `USER:PASSWORD` for the registry (a secret: never a flag).
+pub const REGISTRY_USER_INFO_VARIABLE: &str = "EDOW_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO";
+/// The variable naming a PEM file of the registry's CA.
+pub const REGISTRY_CA_VARIABLE: &str = "EDOW_SCHEMA_REGISTRY_CA_LOCATION";
+
+impl RegistryAccess {
+    /// From `EDOW_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO` (`USER:PASSWORD`) and
+    /// `EDOW_SCHEMA_REGISTRY_CA_LOCATION` (a PEM file), where set.
+    pub fn from_environment() -> anyhow::Result<RegistryAccess> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let basic_auth = match var(REGISTRY_USER_INFO_VARIABLE) {
+            Some(info) => {
+                let (user, password) = info.split_once(':').ok_or_else(|| {
+                    anyhow::anyhow!("{REGISTRY_USER_INFO_VARIABLE} must be USER:PASSWORD")
+                })?;
+                Some((user.to_string(), password.to_string()))
+            }
+            None => None,
+        };
+        let ca_pem = match var(REGISTRY_CA_VARIABLE) {
+            Some(path) => Some(
+                std::fs::read(&path)
+                    .map_err(|e| anyhow::anyhow!("{REGISTRY_CA_VARIABLE}: reading {path}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(RegistryAccess { basic_auth, ca_pem })
+    }
+}
+
 /// Largest single allocation (a string, bytes, an array) made while decoding one record.
 pub const MAX_DECODE_ALLOCATION: usize = 16 * 1024 * 1024;
 
@@ -115,18 +163,37 @@ pub struct Codec {
 }
 
 impl Codec {
-    /// A codec for the registry at `url` (e.g. `http://127.0.0.1:8081`).
+    /// A codec for the registry at `url` (e.g. `http://127.0.0.1:8081`, or `https://...`), reached as the
+    /// environment says ([`RegistryAccess::from_environment`]).
     pub fn new(url: &str) -> Result<Codec, CodecError> {
+        let access =
+            RegistryAccess::from_environment().map_err(|e| CodecError::RegistryUnavailable {
+                detail: format!("{e:#}"),
+            })?;
+        Codec::with_access(url, &access)
+    }
+
+    /// A codec for the registry at `url`, with basic auth and a CA of its own when `access` has them.
+    pub fn with_access(url: &str, access: &RegistryAccess) -> Result<Codec, CodecError> {
         // A record is at most a broker message (about 1 MB); a length prefix beyond this is a corrupt or hostile
         // record, refused before anything is allocated for it (apache-avro's own default is 512 MiB).
         apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
-        let settings = SrSettings::new_builder(url.trim_end_matches('/').to_string())
-            .no_proxy()
-            .set_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| CodecError::RegistryUnavailable {
-                detail: e.to_string(),
+        let unavailable = |detail: String| CodecError::RegistryUnavailable { detail };
+        let mut builder = SrSettings::new_builder(url.trim_end_matches('/').to_string());
+        builder.no_proxy().set_timeout(Duration::from_secs(10));
+        if let Some((user, password)) = &access.basic_auth {
+            builder.set_basic_authorization(user, Some(password));
+        }
+        let mut client = reqwest::Client::builder();
+        if let Some(pem) = &access.ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem).map_err(|e| {
+                unavailable(format!("the registry's CA certificate is not PEM: {e}"))
             })?;
+            client = client.add_root_certificate(ca);
+        }
+        let settings = builder
+            .build_with(client)
+            .map_err(|e| unavailable(e.to_string()))?;
         Ok(Codec {
             encoder: AvroEncoder::new(settings.clone()),
             decoder: AvroDecoder::new(settings.clone()),

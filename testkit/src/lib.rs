@@ -341,7 +341,7 @@ impl Broker {
             process.terminate(Duration::from_secs(10));
             process = Broker::spawn(port, advertised, durable, true, dir.path(), 2);
         }
-        let tls = tls.then(|| Broker::terminate_tls(dir.path(), tls_port, port));
+        let tls = tls.then(|| tls_terminator(dir.path(), tls_port, port));
         Broker {
             process,
             port,
@@ -352,65 +352,6 @@ impl Broker {
                 .iter()
                 .map(|(n, p)| (n.to_string(), p.to_string()))
                 .collect(),
-        }
-    }
-
-    /// Starts stunnel accepting TLS on `tls_port` for the broker's `port`, with a new self-signed certificate.
-    fn terminate_tls(dir: &Path, tls_port: u16, port: u16) -> Tls {
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let made = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-            ])
-            .arg("/CN=localhost")
-            .args([
-                "-addext",
-                "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                "-keyout",
-            ])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("running openssl to make a test certificate (scripts/test installs openssl)");
-        assert!(
-            made.status.success(),
-            "openssl could not make a certificate: {}",
-            String::from_utf8_lossy(&made.stderr)
-        );
-        let config = dir.join("stunnel.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "foreground = yes\npid =\ndebug = 5\n[kafka]\naccept = 127.0.0.1:{tls_port}\n\
-                 connect = 127.0.0.1:{port}\ncert = {}\nkey = {}\n",
-                cert.display(),
-                key.display()
-            ),
-        )
-        .unwrap();
-        let stunnel = ["/usr/bin/stunnel4", "/usr/bin/stunnel"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .expect(
-                "stunnel4 is not installed: `apt-get install stunnel4` (scripts/test installs it)",
-            );
-        let mut terminator = Process::spawn(
-            "stunnel",
-            &stunnel,
-            &[config.display().to_string()],
-            dir,
-            dir.join("stunnel.log"),
-        );
-        terminator.wait_for_port(
-            SocketAddr::from(([127, 0, 0, 1], tls_port)),
-            Duration::from_secs(30),
-        );
-        Tls {
-            terminator,
-            port: tls_port,
-            ca: cert,
         }
     }
 
@@ -525,6 +466,64 @@ impl Broker {
     }
 }
 
+/// Starts stunnel accepting TLS on `tls_port` for the plain `port`, with a new self-signed certificate for
+/// 127.0.0.1 in `dir`.
+fn tls_terminator(dir: &Path, tls_port: u16, port: u16) -> Tls {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+        ])
+        .arg("/CN=localhost")
+        .args([
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl to make a test certificate (scripts/test installs openssl)");
+    assert!(
+        made.status.success(),
+        "openssl could not make a certificate: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let config = dir.join("stunnel.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "foreground = yes\npid =\ndebug = 5\n[kafka]\naccept = 127.0.0.1:{tls_port}\n\
+             connect = 127.0.0.1:{port}\ncert = {}\nkey = {}\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let stunnel = ["/usr/bin/stunnel4", "/usr/bin/stunnel"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("stunnel4 is not installed: `apt-get install stunnel4` (scripts/test installs it)");
+    let mut terminator = Process::spawn(
+        "stunnel",
+        &stunnel,
+        &[config.display().to_string()],
+        dir,
+        dir.join("stunnel.log"),
+    );
+    terminator.wait_for_port(
+        SocketAddr::from(([127, 0, 0, 1], tls_port)),
+        Duration::from_secs(30),
+    );
+    Tls {
+        terminator,
+        port: tls_port,
+        ca: cert,
+    }
+}
+
 /// The SASL user an `edow-registry` connects as, when its broker requires SASL.
 pub const REGISTRY_PRINCIPAL: &str = "edow-registry";
 
@@ -532,12 +531,47 @@ pub const REGISTRY_PRINCIPAL: &str = "edow-registry";
 pub struct Registry {
     process: Process,
     port: u16,
+    /// stunnel serving https in front of it ([`Registry::start_secured`]), and the users file and certificate.
+    tls: Option<Tls>,
+    _secured_dir: Option<TempDir>,
     _dir: TempDir,
 }
 
 impl Registry {
     pub fn start(broker: &Broker) -> Registry {
         Registry::start_with(broker, &[])
+    }
+
+    /// A registry requiring basic auth as one of `users` (role, name, password), served over https by a TLS
+    /// terminator with a certificate of its own ([`Registry::ca`]).
+    pub fn start_secured(broker: &Broker, users: &[(&str, &str, &str)]) -> Registry {
+        let dir = tempfile::Builder::new()
+            .prefix("edow-registry-users-")
+            .tempdir()
+            .expect("creating a dir for the registry's users");
+        let file = dir.path().join("users");
+        let lines: String = users
+            .iter()
+            .map(|(role, name, password)| {
+                use sha2::Digest;
+                let hash: String = sha2::Sha256::digest(password.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!("{role} {hash} {name}\n")
+            })
+            .collect();
+        std::fs::write(&file, lines).unwrap();
+        let mut registry = Registry::start_with(broker, &["--users", file.to_str().unwrap()]);
+        let tls_port = free_port();
+        registry.tls = Some(tls_terminator(dir.path(), tls_port, registry.port));
+        registry._secured_dir = Some(dir);
+        registry
+    }
+
+    /// The PEM certificate that a client of a secured registry trusts.
+    pub fn ca(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|t| t.ca.clone())
     }
 
     /// Starts the registry with extra command-line arguments.
@@ -577,13 +611,18 @@ impl Registry {
         Registry {
             process,
             port,
+            tls: None,
+            _secured_dir: None,
             _dir: dir,
         }
     }
 
-    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    /// Base URL, e.g. `http://127.0.0.1:41234` (`https://` through the terminator when secured).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        match &self.tls {
+            Some(tls) => format!("https://127.0.0.1:{}", tls.port),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
     }
 
     pub fn process(&mut self) -> &mut Process {

@@ -25,6 +25,24 @@ pub const PRINCIPALS: [&str; 5] = [
     "edow-test",
 ];
 
+/// The users of a secured cluster's registry: (role, name, password); the first is what edow's processes use.
+pub const REGISTRY_USERS: [(&str, &str, &str); 2] = [
+    ("admin", "edow", "registry-admin-pw-4d1c"),
+    ("read", "dashboard", "registry-read-pw-a8e2"),
+];
+
+/// How the test itself reaches `registry`: as its admin, trusting its certificate, when it is secured.
+fn registry_access(registry: &Registry) -> edow_schemas::codec::RegistryAccess {
+    let Some(ca) = registry.ca() else {
+        return Default::default();
+    };
+    let (_, user, password) = REGISTRY_USERS[0];
+    edow_schemas::codec::RegistryAccess {
+        basic_auth: Some((user.to_string(), password.to_string())),
+        ca_pem: Some(std::fs::read(ca).unwrap()),
+    }
+}
+
 /// A test password per principal, different for each.
 pub fn password_for(principal: &str) -> &'static str {
     match principal {
@@ -62,11 +80,17 @@ impl Cluster {
             .iter()
             .map(|name| (*name, password_for(name)))
             .collect();
-        Cluster::with_broker(Broker::start_secured(true, &users))
+        let broker = Broker::start_secured(true, &users);
+        let registry = Registry::start_secured(&broker, &REGISTRY_USERS);
+        Cluster::with(broker, registry)
     }
 
     fn with_broker(broker: Broker) -> Cluster {
         let registry = Registry::start(&broker);
+        Cluster::with(broker, registry)
+    }
+
+    fn with(broker: Broker, registry: Registry) -> Cluster {
         let mut kafka = Kafka::new(broker.bootstrap_servers());
         kafka.options = broker.client_settings();
         if let Some(password) = broker.password_of("edow-test") {
@@ -75,7 +99,7 @@ impl Cluster {
                 .push(("sasl.username".into(), "edow-test".into()));
             kafka.options.push(("sasl.password".into(), password));
         }
-        let codec = Codec::new(&registry.url()).unwrap();
+        let codec = Codec::with_access(&registry.url(), &registry_access(&registry)).unwrap();
         Cluster {
             broker,
             registry,
@@ -106,6 +130,15 @@ impl Cluster {
         if let Some(password) = self.broker.password_of(principal) {
             env.push(("EDOW_KAFKA_SASL_USERNAME", principal.to_string()));
             env.push(("EDOW_KAFKA_SASL_PASSWORD", password));
+        }
+        if let Some(ca) = self.registry.ca() {
+            // edow's processes register their contracts: the registry's admin.
+            let (_, user, password) = REGISTRY_USERS[0];
+            env.push(("EDOW_SCHEMA_REGISTRY_CA_LOCATION", ca.display().to_string()));
+            env.push((
+                "EDOW_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                format!("{user}:{password}"),
+            ));
         }
         env
     }

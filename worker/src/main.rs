@@ -13,6 +13,11 @@ struct Args {
     /// fail:N, fail:always, http:URL, exec:COMMAND.
     #[arg(long = "task", value_name = "TYPE=HANDLER", required = true)]
     tasks: Vec<String>,
+    /// A header a type's http handler sends with every request, its value a secret read from a variable or a
+    /// file for each request: TYPE:NAME=env:VARIABLE or TYPE:NAME=file:PATH (e.g.
+    /// payment.charge:Authorization=file:/etc/edow/payments-token); repeatable. Never the value itself.
+    #[arg(long = "http-header", value_name = "TYPE:NAME=SOURCE")]
+    http_headers: Vec<String>,
     #[command(flatten)]
     cluster: ClusterArgs,
     #[command(flatten)]
@@ -63,14 +68,32 @@ async fn main() -> anyhow::Result<()> {
         timeout: args.task_timeout,
         max_output_bytes: args.max_output_bytes,
     };
+    let mut headers: HashMap<String, Vec<edow_worker::handlers::SecretHeader>> = HashMap::new();
+    for spec in &args.http_headers {
+        let (task_type, header) = spec.split_once(':').ok_or_else(|| {
+            anyhow::anyhow!(
+                "--http-header {spec}: write TYPE:NAME=env:VARIABLE or TYPE:NAME=file:PATH"
+            )
+        })?;
+        let header = edow_worker::handlers::SecretHeader::parse(header)
+            .map_err(|e| anyhow::anyhow!("--http-header for {task_type}: {e}"))?;
+        headers
+            .entry(task_type.to_string())
+            .or_default()
+            .push(header);
+    }
     let mut handlers = HashMap::new();
     for spec in &args.tasks {
         let (task_type, handler) = spec.split_once('=').ok_or_else(|| {
             anyhow::anyhow!("--task {spec}: write TYPE=HANDLER, e.g. --task payment.charge=echo")
         })?;
-        let handler = edow_worker::handlers::builtin(handler, &limits)
+        let secrets = headers.remove(task_type).unwrap_or_default();
+        let handler = edow_worker::handlers::builtin_with_headers(handler, &limits, secrets)
             .map_err(|e| anyhow::anyhow!("--task {spec}: {e}"))?;
         handlers.insert(task_type.to_string(), handler);
+    }
+    if let Some(task_type) = headers.keys().next() {
+        anyhow::bail!("--http-header names {task_type}, which no --task serves");
     }
     let worker_id = args.worker_id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());

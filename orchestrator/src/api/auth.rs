@@ -16,17 +16,15 @@
 //! `/healthz`, `/readyz`, `/metrics` and `/v1/openapi.json` stay open: probes and scrapers hold no token, and none
 //! of them shows a payload (docs/security.md).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::{Digest, Sha256};
+use edow_auth::CredentialFile;
 
 use super::ApiError;
 
@@ -66,17 +64,13 @@ pub struct Principal {
 
 /// Longest token, hook secret or token file line read, in bytes.
 const MAX_SECRET_BYTES: usize = 4096;
-/// Largest token file read.
-const MAX_TOKEN_FILE_BYTES: u64 = 1024 * 1024;
-/// How often the token file's modification time is looked at.
-const RELOAD_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// How far a Stripe-style signature's timestamp may be from now.
 const SIGNATURE_TOLERANCE: Duration = Duration::from_secs(300);
 
 /// How the API authenticates; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Auth {
-    tokens: Option<Arc<TokenFile>>,
+    tokens: Option<Arc<CredentialFile<Role>>>,
     hook_secrets: Option<PathBuf>,
 }
 
@@ -85,7 +79,11 @@ impl Auth {
     /// one behind a proxy that authenticates), and hook signatures by the secrets in `hook_secrets`.
     pub fn new(tokens: Option<&Path>, hook_secrets: Option<&Path>) -> anyhow::Result<Auth> {
         let tokens = match tokens {
-            Some(path) => Some(Arc::new(TokenFile::open(path)?)),
+            Some(path) => Some(Arc::new(CredentialFile::open(
+                path,
+                Role::parse,
+                "viewer, operator, admin",
+            )?)),
             None => None,
         };
         if let Some(dir) = hook_secrets {
@@ -129,9 +127,15 @@ impl Auth {
             .map(str::trim)
             .filter(|t| !t.is_empty() && t.len() <= MAX_SECRET_BYTES)
             .ok_or_else(|| unauthorized("write the header as `Authorization: Bearer TOKEN`"))?;
-        tokens.find(token).ok_or_else(|| {
-            unauthorized("this token is not known (revoked, mistyped, or of another cluster)")
-        })
+        tokens
+            .find_secret(token)
+            .map(|c| Principal {
+                name: c.name,
+                role: c.role,
+            })
+            .ok_or_else(|| {
+                unauthorized("this token is not known (revoked, mistyped, or of another cluster)")
+            })
     }
 
     /// The secret of hook `workflow`, if one is configured.
@@ -265,119 +269,6 @@ pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: 
     }
 }
 
-/// The token file, read again when its modification time changes.
-struct TokenFile {
-    path: PathBuf,
-    loaded: Mutex<Loaded>,
-}
-
-struct Loaded {
-    /// SHA-256 of a token (hex) -> who holds it.
-    tokens: HashMap<String, Principal>,
-    modified: Option<SystemTime>,
-    checked: Instant,
-}
-
-impl TokenFile {
-    fn open(path: &Path) -> anyhow::Result<TokenFile> {
-        let (tokens, modified) = read_tokens(path)?;
-        anyhow::ensure!(
-            !tokens.is_empty(),
-            "the token file {} holds no token; add lines `ROLE SHA256-HEX [NAME]` (`edow token new` makes one)",
-            path.display()
-        );
-        Ok(TokenFile {
-            path: path.to_path_buf(),
-            loaded: Mutex::new(Loaded {
-                tokens,
-                modified,
-                checked: Instant::now(),
-            }),
-        })
-    }
-
-    fn find(&self, token: &str) -> Option<Principal> {
-        let hash = sha256_hex(token.as_bytes());
-        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if loaded.checked.elapsed() > RELOAD_CHECK_EVERY {
-            loaded.checked = Instant::now();
-            let modified = std::fs::metadata(&self.path)
-                .and_then(|m| m.modified())
-                .ok();
-            if modified != loaded.modified {
-                // A file being rewritten, or one made wrong, keeps the tokens in force until it reads well.
-                match read_tokens(&self.path) {
-                    Ok((tokens, modified)) if !tokens.is_empty() => {
-                        tracing::info!(
-                            tokens = tokens.len(),
-                            file = %self.path.display(),
-                            "API tokens read again"
-                        );
-                        loaded.tokens = tokens;
-                        loaded.modified = modified;
-                    }
-                    Ok(_) => tracing::warn!(
-                        file = %self.path.display(),
-                        "the API token file holds no token now; keeping the tokens read before"
-                    ),
-                    Err(e) => tracing::warn!("{e:#}; keeping the API tokens read before"),
-                }
-            }
-        }
-        loaded.tokens.get(&hash).cloned()
-    }
-}
-
-type Tokens = HashMap<String, Principal>;
-
-fn read_tokens(path: &Path) -> anyhow::Result<(Tokens, Option<SystemTime>)> {
-    use anyhow::Context;
-    let metadata = std::fs::metadata(path)
-        .with_context(|| format!("reading the API token file {}", path.display()))?;
-    anyhow::ensure!(
-        metadata.len() <= MAX_TOKEN_FILE_BYTES,
-        "the API token file {} is {} bytes, over {MAX_TOKEN_FILE_BYTES}",
-        path.display(),
-        metadata.len()
-    );
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the API token file {}", path.display()))?;
-    Ok((parse_tokens(&text, path)?, metadata.modified().ok()))
-}
-
-/// `ROLE SHA256-HEX [NAME]` per line; `#` starts a comment.
-fn parse_tokens(text: &str, path: &Path) -> anyhow::Result<Tokens> {
-    let mut tokens = HashMap::new();
-    for (number, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let at = || format!("{} line {}", path.display(), number + 1);
-        let mut fields = line.split_whitespace();
-        let (role, hash) = (fields.next(), fields.next());
-        let role = role.and_then(Role::parse).ok_or_else(|| {
-            anyhow::anyhow!("{}: the role must be viewer, operator or admin", at())
-        })?;
-        let hash = hash
-            .map(str::to_ascii_lowercase)
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: the second field must be the token's SHA-256 in hex (64 digits), not the token \
-                     (`edow token new` prints the line)",
-                    at()
-                )
-            })?;
-        let name = fields
-            .next()
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("line-{}", number + 1));
-        tokens.insert(hash, Principal { name, role });
-    }
-    Ok(tokens)
-}
-
 fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
@@ -393,44 +284,6 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Whether `signature` is the HMAC-SHA256 of `message` under `secret` (compared in constant time).
-fn signed(secret: &[u8], message: &[&[u8]], signature: &str) -> bool {
-    let Some(signature) = unhex(signature.trim()) else {
-        return false;
-    };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return false;
-    };
-    for part in message {
-        mac.update(part);
-    }
-    mac.verify_slice(&signature).is_ok()
-}
-
 /// Checks a delivery's GitHub- or Stripe-style signature against the hook's secret.
 fn verify_signature(
     secret: &[u8],
@@ -443,7 +296,7 @@ fn verify_signature(
         let Some(hex) = value.strip_prefix("sha256=") else {
             return Err(unsigned("X-Hub-Signature-256", "write it as sha256=HEX"));
         };
-        if signed(secret, &[body], hex) {
+        if edow_auth::hmac_signed(secret, &[body], hex) {
             return Ok(hex.trim().to_ascii_lowercase());
         }
         return Err(unsigned(
@@ -483,7 +336,7 @@ fn verify_signature(
         let t = timestamp.to_string();
         if let Some(good) = signatures
             .iter()
-            .find(|s| signed(secret, &[t.as_bytes(), b".", body], s))
+            .find(|s| edow_auth::hmac_signed(secret, &[t.as_bytes(), b".", body], s))
         {
             return Ok(good.trim().to_ascii_lowercase());
         }
@@ -505,10 +358,12 @@ fn unsigned(field: &str, message: &str) -> ApiError {
 
 /// A new random token (256 bits, hex) and its line for the token file.
 pub fn new_token(role: Role, name: &str) -> anyhow::Result<(String, String)> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a token: {e}"))?;
-    let token = format!("edow_{}", hex(&bytes));
-    let line = format!("{} {} {name}", role.name(), sha256_hex(token.as_bytes()));
+    let token = edow_auth::new_secret("edow_")?;
+    let line = format!(
+        "{} {} {name}",
+        role.name(),
+        edow_auth::sha256_hex(token.as_bytes())
+    );
     Ok((token, line))
 }
 
@@ -517,11 +372,12 @@ mod tests {
     use super::*;
 
     fn mac_hex(secret: &[u8], parts: &[&[u8]]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        use hmac::{Hmac, KeyInit, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
         for p in parts {
             mac.update(p);
         }
-        hex(&mac.finalize().into_bytes())
+        edow_auth::hex(&mac.finalize().into_bytes())
     }
 
     fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
@@ -554,21 +410,6 @@ mod tests {
         assert_eq!(needed(&Method::GET, "/metrics"), None);
         // An unknown write path needs a token before it is told it does not exist.
         assert_eq!(needed(&Method::PUT, "/v1/anything"), Some(Role::Operator));
-    }
-
-    #[test]
-    fn token_files_name_their_mistakes() {
-        let path = Path::new("tokens");
-        let hash = sha256_hex(b"secret-token");
-        let tokens = parse_tokens(&format!("# comment\n\nadmin {hash} ci\n"), path).unwrap();
-        assert_eq!(tokens[&hash].name, "ci");
-        assert_eq!(tokens[&hash].role, Role::Admin);
-        let err = parse_tokens("root abc\n", path).unwrap_err().to_string();
-        assert!(err.contains("line 1") && err.contains("role"), "{err}");
-        let err = parse_tokens("viewer secret-token\n", path)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("SHA-256"), "{err}");
     }
 
     #[test]
@@ -626,8 +467,8 @@ mod tests {
     #[test]
     fn new_tokens_match_their_line() {
         let (token, line) = new_token(Role::Operator, "deployer").unwrap();
-        let tokens = parse_tokens(&line, Path::new("t")).unwrap();
-        let found = &tokens[&sha256_hex(token.as_bytes())];
+        let tokens = edow_auth::parse(&line, Path::new("t"), Role::parse, "roles").unwrap();
+        let found = &tokens[&edow_auth::sha256_hex(token.as_bytes())];
         assert_eq!(
             (found.role, found.name.as_str()),
             (Role::Operator, "deployer")

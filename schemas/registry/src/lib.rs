@@ -2,6 +2,7 @@
 //! that a restarted registry, or a second instance, serves every schema under the same ids.
 
 pub mod api;
+pub mod auth;
 pub mod compat;
 pub mod log;
 pub mod store;
@@ -19,6 +20,10 @@ pub struct Config {
     pub kafka_options: Vec<(String, String)>,
     pub topic: String,
     pub replication_factor: i32,
+    /// The users file (`ROLE SHA256 USER` lines, roles read and admin); `None`: no authentication.
+    pub users: Option<std::path::PathBuf>,
+    /// Serve without users on a non-loopback address, because something in front authenticates.
+    pub allow_unauthenticated: bool,
 }
 
 /// Reads the schemas log, then serves the API until `shutdown` resolves. The listener is bound only once the
@@ -27,6 +32,14 @@ pub async fn serve(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Anyone reaching an open registry could delete schemas or change compatibility.
+    anyhow::ensure!(
+        config.listen.ip().is_loopback() || config.users.is_some() || config.allow_unauthenticated,
+        "refusing to serve the registry on {} without authentication: anyone reaching it could delete schemas \
+         or change compatibility. Give --users FILE (lines `ROLE SHA256-OF-PASSWORD USER`, roles read and \
+         admin), listen on 127.0.0.1, or pass --allow-unauthenticated when a proxy in front authenticates",
+        config.listen
+    );
     let log = log::SchemaLog::open(
         &config.bootstrap_servers,
         &config.kafka_options,
@@ -41,7 +54,11 @@ pub async fn serve(
         )
     })?;
     edow_telemetry::metrics::init(edow_telemetry::metrics::Exporter::Registry);
-    let app = api::router(api::AppState::new(log));
+    let users = config.users.as_deref().map(auth::open).transpose()?;
+    let app = api::router(api::AppState::new(log)).layer(axum::middleware::from_fn_with_state(
+        users,
+        auth::authenticate,
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -25,6 +25,13 @@ struct Args {
     replication_factor: i32,
     #[command(flatten)]
     kafka: edow_kafka::settings::KafkaArgs,
+    /// Users for HTTP basic auth: a file of `ROLE SHA256-OF-PASSWORD USER` lines, roles read (reads, lookups,
+    /// compatibility checks) and admin (also register, delete, configure); read again when it changes.
+    #[arg(long, env = "EDOW_REGISTRY_USERS_FILE")]
+    users: Option<std::path::PathBuf>,
+    /// Serve without users on a non-loopback address, because something in front of it authenticates.
+    #[arg(long, env = "EDOW_REGISTRY_ALLOW_UNAUTHENTICATED")]
+    allow_unauthenticated: bool,
 }
 
 #[tokio::main]
@@ -42,6 +49,8 @@ async fn main() -> anyhow::Result<()> {
         kafka_options: args.kafka.settings()?,
         topic: args.topic,
         replication_factor: args.replication_factor,
+        users: args.users,
+        allow_unauthenticated: args.allow_unauthenticated,
     };
     edow_registry::serve(config, shutdown_signal()).await
 }

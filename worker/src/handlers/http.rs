@@ -1,5 +1,7 @@
 //! The `http` handler: POSTs the task's input as JSON and takes a 2xx body as the output. It reads at most the
 //! output limit plus one chunk of a body (nothing at all when `content-length` already says it is too large).
+//! Headers a downstream needs (an `Authorization`, an API key) come from a file or a variable, read for every
+//! request so a rotated secret takes effect at once; they are marked sensitive and never logged.
 
 use serde_json::Value;
 
@@ -16,14 +18,91 @@ pub struct Http {
     pub url: String,
     pub client: reqwest::Client,
     pub max_output_bytes: usize,
+    pub headers: Vec<SecretHeader>,
+}
+
+/// A header whose value is a secret, sent with every request.
+#[derive(Debug, Clone)]
+pub struct SecretHeader {
+    pub name: reqwest::header::HeaderName,
+    pub source: SecretSource,
+}
+
+/// Where a secret is read from: never the command line, where every local user sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(std::path::PathBuf),
+}
+
+/// Largest secret read from a file.
+const MAX_SECRET_BYTES: u64 = 16 * 1024;
+
+impl SecretHeader {
+    /// `NAME=env:VARIABLE` or `NAME=file:PATH`.
+    pub fn parse(spec: &str) -> anyhow::Result<SecretHeader> {
+        let (name, source) = spec.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("write NAME=env:VARIABLE or NAME=file:PATH, e.g. Authorization=file:/etc/edow/token")
+        })?;
+        let name = reqwest::header::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| anyhow::anyhow!("'{}' is not a header name", name.trim()))?;
+        let source = match source.split_once(':') {
+            Some(("env", var)) if !var.is_empty() => SecretSource::Env(var.to_string()),
+            Some(("file", path)) if !path.is_empty() => SecretSource::File(path.into()),
+            _ => anyhow::bail!(
+                "the value of {name} comes from env:VARIABLE or file:PATH, never from the flag itself (every local \
+                 user can read a process's flags)"
+            ),
+        };
+        Ok(SecretHeader { name, source })
+    }
+
+    /// The value now, marked sensitive; a retryable failure naming where it should be, never what it is.
+    async fn value(&self) -> Result<reqwest::header::HeaderValue, HandlerError> {
+        let unavailable = |why: String| {
+            HandlerError::retryable("secret_unavailable", format!("header {}: {why}", self.name))
+        };
+        let text = match &self.source {
+            SecretSource::Env(var) => std::env::var(var)
+                .map_err(|_| unavailable(format!("the variable {var} is not set")))?,
+            SecretSource::File(path) => {
+                use tokio::io::AsyncReadExt;
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| unavailable(format!("reading {}: {e}", path.display())))?;
+                let mut bytes = Vec::new();
+                file.take(MAX_SECRET_BYTES + 1)
+                    .read_to_end(&mut bytes)
+                    .await
+                    .map_err(|e| unavailable(format!("reading {}: {e}", path.display())))?;
+                if bytes.len() as u64 > MAX_SECRET_BYTES {
+                    return Err(unavailable(format!(
+                        "{} is over {MAX_SECRET_BYTES} bytes",
+                        path.display()
+                    )));
+                }
+                String::from_utf8(bytes)
+                    .map_err(|_| unavailable(format!("{} is not UTF-8", path.display())))?
+            }
+        };
+        let mut value = reqwest::header::HeaderValue::from_str(text.trim())
+            .map_err(|_| unavailable("the secret is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
 }
 
 impl Http {
-    pub fn new(url: &str, limits: &HandlerLimits) -> anyhow::Result<Http> {
+    pub fn new(
+        url: &str,
+        limits: &HandlerLimits,
+        headers: Vec<SecretHeader>,
+    ) -> anyhow::Result<Http> {
         Ok(Http {
             url: url.to_string(),
             client: reqwest::Client::builder().timeout(limits.timeout).build()?,
             max_output_bytes: limits.max_output_bytes,
+            headers,
         })
     }
 }
@@ -57,7 +136,11 @@ impl Handler for Http {
         }
         let url = self.url.clone();
         let limit = self.max_output_bytes;
+        let secrets = self.headers.clone();
         Box::pin(async move {
+            for secret in &secrets {
+                request = request.header(secret.name.clone(), secret.value().await?);
+            }
             let unreadable = |e: reqwest::Error| {
                 let code = if e.is_timeout() {
                     "timeout"
@@ -164,6 +247,32 @@ pub(crate) async fn serve(responses: Vec<(&'static str, String)>, chunked: bool)
     url
 }
 
+/// A server answering `count` requests with `{}` and keeping each request's head, for tests.
+#[cfg(test)]
+async fn serve_capturing(count: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    tokio::spawn(async move {
+        for _ in 0..count {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 8192];
+            let n = socket.read(&mut buf).await.unwrap_or(0);
+            keep.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                .await;
+        }
+    });
+    (url, seen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,7 +289,55 @@ mod tests {
                 .build()
                 .unwrap(),
             max_output_bytes,
+            headers: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn secret_headers_come_from_files_and_variables_and_are_read_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "Bearer first\n").unwrap();
+        std::env::set_var("EDOW_TEST_API_KEY", "key-1");
+        let (url, requests) = serve_capturing(3).await;
+        let mut h = handler(&url, 1024);
+        h.headers = vec![
+            SecretHeader::parse(&format!("Authorization=file:{}", token.display())).unwrap(),
+            SecretHeader::parse("X-Api-Key=env:EDOW_TEST_API_KEY").unwrap(),
+        ];
+        h.handle(task(1, json!(1))).await.unwrap();
+        std::fs::write(&token, "Bearer rotated").unwrap();
+        h.handle(task(2, json!(1))).await.unwrap();
+        let seen = requests.lock().unwrap().clone();
+        assert!(
+            seen[0].contains("authorization: Bearer first\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(seen[0].contains("x-api-key: key-1\r\n"), "{}", seen[0]);
+        assert!(
+            seen[1].contains("authorization: Bearer rotated\r\n"),
+            "{}",
+            seen[1]
+        );
+        // A secret gone missing fails the attempt (retryable), naming the source and not a value.
+        std::fs::remove_file(&token).unwrap();
+        let err = h.handle(task(3, json!(1))).await.unwrap_err();
+        assert_eq!(
+            (err.code.as_str(), err.retryable),
+            ("secret_unavailable", true)
+        );
+        assert!(
+            err.message.contains("token") && !err.message.contains("rotated"),
+            "{}",
+            err.message
+        );
+        // A literal value on the flag is refused.
+        let err = SecretHeader::parse("Authorization=Bearer abc")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("env:VARIABLE or file:PATH"), "{err}");
+        assert!(!format!("{:?}", h.headers).contains("rotated"));
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 pub use exec::Exec;
-pub use http::Http;
+pub use http::{Http, SecretHeader, SecretSource};
 
 /// Default bound of a task's output: 256 KiB of JSON.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 256 * 1024;
@@ -192,6 +192,18 @@ pub(crate) fn truncate(text: &str, max: usize) -> &str {
 /// Builds a built-in handler from its spec: `echo`, `trail`, `sleep:200ms`, `fail:2`, `fail:always`,
 /// `http:URL`, `exec:PROGRAM ARGS...`.
 pub fn builtin(spec: &str, limits: &HandlerLimits) -> anyhow::Result<Arc<dyn Handler>> {
+    builtin_with_headers(spec, limits, Vec::new())
+}
+
+/// [`builtin`], an `http` handler sending `headers` with every request (other handlers take none).
+pub fn builtin_with_headers(
+    spec: &str,
+    limits: &HandlerLimits,
+    headers: Vec<SecretHeader>,
+) -> anyhow::Result<Arc<dyn Handler>> {
+    if !headers.is_empty() && !spec.starts_with("http:") {
+        anyhow::bail!("only http handlers send headers; '{spec}' is not one");
+    }
     let (name, arg) = match spec.split_once(':') {
         Some((name, arg)) => (name, Some(arg)),
         None => (spec, None),
@@ -207,7 +219,7 @@ pub fn builtin(spec: &str, limits: &HandlerLimits) -> anyhow::Result<Arc<dyn Han
             times: Some(n.parse().map_err(|_| anyhow::anyhow!("fail:{n}: write fail:N (fail N attempts) or fail:always"))?),
         }),
         ("http", Some(url)) if url.starts_with("http://") || url.starts_with("https://") => {
-            Arc::new(Http::new(url, limits)?)
+            Arc::new(Http::new(url, limits, headers)?)
         }
         ("exec", Some(command)) if !command.trim().is_empty() => {
             let mut words = command.split_whitespace().map(str::to_string);
