@@ -210,8 +210,12 @@ enum SchemasAction {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    let settings = cli.kafka_settings.settings().unwrap_or_default();
     if let Err(e) = run(cli).await {
-        eprintln!("error: {e:#}");
+        eprintln!(
+            "error: {}",
+            edow_kafka::settings::scrub(&format!("{e:#}"), &settings)
+        );
         std::process::exit(1);
     }
 }

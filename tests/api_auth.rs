@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{http_client, wait_ready, Cluster};
+use common::{http_client, log_after_exit, wait_ready, Cluster};
 use edow_testkit::free_port;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
@@ -16,6 +16,8 @@ const SIGNED_HOOK: &str =
     "name: locked-signed\nhook: { id: body.order_id }\nsteps:\n  - { name: only, task: locked.echo }\n";
 const OPEN_HOOK: &str =
     "name: locked-open\nhook: { id: body.order_id }\nsteps:\n  - { name: only, task: locked.echo }\n";
+/// A hook with a secret and no `hook.id`: its deliveries are named by their body.
+const SIGNED_NO_ID: &str = "name: locked-noid\nsteps:\n  - { name: only, task: locked.echo }\n";
 const HOOK_SECRET: &str = "whsec-test-1234";
 
 struct Caller {
@@ -107,6 +109,7 @@ async fn tokens_roles_and_signed_hooks_guard_every_route() {
     let secrets = dir.path().join("hooks");
     std::fs::create_dir(&secrets).unwrap();
     std::fs::write(secrets.join("locked-signed"), format!("{HOOK_SECRET}\n")).unwrap();
+    std::fs::write(secrets.join("locked-noid"), HOOK_SECRET).unwrap();
 
     let addr = format!("127.0.0.1:{}", free_port());
     let _orchestrator = cluster.orchestrator_with(&[
@@ -144,7 +147,7 @@ async fn tokens_roles_and_signed_hooks_guard_every_route() {
         (403, &json!("Authorization")),
         "{body}"
     );
-    for definition in [QUICK, SIGNED_HOOK, OPEN_HOOK] {
+    for definition in [QUICK, SIGNED_HOOK, OPEN_HOOK, SIGNED_NO_ID] {
         let (status, body) = admin
             .call("POST", "/v1/definitions", Some(definition))
             .await;
@@ -289,6 +292,39 @@ async fn tokens_roles_and_signed_hooks_guard_every_route() {
     .await;
     assert_eq!(status, 202, "{body}");
 
+    // Without hook.id, a signed delivery is named by its body: the sender's retry, signed again with a later
+    // timestamp, is the same instance; a delivery signed ten minutes ago is refused.
+    let stripe_at = |t: u64, body: &str| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
+        mac.update(format!("{t}.{body}").as_bytes());
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        [("edow-signature", format!("t={t},v1={hex}"))]
+    };
+    let order = r#"{"order": 42}"#;
+    let (status, first) = hook(&base, "locked-noid", order, &stripe_at(t - 20, order)).await;
+    assert_eq!(status, 202, "{first}");
+    let (status, retry) = hook(&base, "locked-noid", order, &stripe_at(t, order)).await;
+    assert_eq!(status, 202, "{retry}");
+    assert_eq!(first["id"], retry["id"]);
+    assert!(
+        first["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("locked-noid:body-"),
+        "{first}"
+    );
+    let (status, stale) = hook(&base, "locked-noid", order, &stripe_at(t - 600, order)).await;
+    assert_eq!(
+        (status, &stale["error"]["field"]),
+        (401, &json!("Edow-Signature")),
+        "{stale}"
+    );
+
     // A hook without a secret takes an operator's token, and nothing less.
     let open = r#"{"order_id": "O-1"}"#;
     assert_eq!(hook(&base, "locked-open", open, &[]).await.0, 401);
@@ -349,16 +385,7 @@ async fn an_unauthenticated_api_is_refused_beyond_loopback() {
     let cluster = Cluster::start();
     let addr = format!("0.0.0.0:{}", free_port());
     let mut orchestrator = cluster.orchestrator_with(&["--http-addr", &addr]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while orchestrator.process().is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "it kept running: {}",
-            orchestrator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = orchestrator.log();
+    let log = log_after_exit(&mut orchestrator).await;
     assert!(
         log.contains("refusing to serve the API on 0.0.0.0") && log.contains("--api-tokens"),
         "{log}"
@@ -374,15 +401,6 @@ async fn an_unauthenticated_api_is_refused_beyond_loopback() {
         "--api-tokens",
         tokens.to_str().unwrap(),
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while orchestrator.process().is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "it kept running: {}",
-            orchestrator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = orchestrator.log();
+    let log = log_after_exit(&mut orchestrator).await;
     assert!(log.contains("line 1") && log.contains("SHA-256"), "{log}");
 }

@@ -338,8 +338,8 @@ fn compose_scrapes_every_orchestrator_and_worker_and_provisions_the_dashboard() 
     let http = port_of(env_of(&services["orchestrator"], "EDOW_HTTP_ADDR"));
     let metrics = port_of(env_of(&services["worker"], "EDOW_METRICS_ADDR"));
     assert!(
-        published_ports(&services["orchestrator"]).contains(&format!("{http}:{http}")),
-        "the orchestrator's API and metrics reach the host"
+        published_ports(&services["orchestrator"]).contains(&format!("127.0.0.1:{http}:{http}")),
+        "the orchestrator's API and metrics reach the host, on loopback only (the dev tokens are public)"
     );
     let prometheus = &services["prometheus"];
     assert!(prometheus["image"]

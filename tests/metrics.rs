@@ -236,16 +236,7 @@ async fn a_taken_listener_address_stops_the_start_with_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let mut orchestrator = cluster.orchestrator_with(&["--http-addr", &addr]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while orchestrator.process().is_running() {
-        assert!(
-            Instant::now() < deadline,
-            "still running:\n{}",
-            orchestrator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = orchestrator.log();
+    let log = common::log_after_exit(&mut orchestrator).await;
     assert!(
         log.contains(&format!("binding the http listener to {addr}")),
         "{log}"

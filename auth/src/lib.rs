@@ -38,7 +38,8 @@ pub struct CredentialFile<R> {
 
 struct Loaded<R> {
     by_hash: HashMap<String, Credential<R>>,
-    modified: Option<SystemTime>,
+    /// When the file was read: a change reads it again.
+    stamp: Option<Stamp>,
     checked: Instant,
 }
 
@@ -50,7 +51,7 @@ impl<R: Clone> CredentialFile<R> {
         parse_role: fn(&str) -> Option<R>,
         roles: &'static str,
     ) -> anyhow::Result<CredentialFile<R>> {
-        let (by_hash, modified) = read(path, parse_role, roles)?;
+        let (by_hash, stamp) = read(path, parse_role, roles)?;
         anyhow::ensure!(
             !by_hash.is_empty(),
             "the credentials file {} holds none; add lines `ROLE SHA256-HEX NAME` (roles: {roles})",
@@ -62,7 +63,7 @@ impl<R: Clone> CredentialFile<R> {
             roles,
             loaded: Mutex::new(Loaded {
                 by_hash,
-                modified,
+                stamp,
                 checked: Instant::now(),
             }),
         })
@@ -85,30 +86,32 @@ impl<R: Clone> CredentialFile<R> {
         })
     }
 
-    /// Runs `f` over the credentials, read again first if the file changed. A file being rewritten, or made
-    /// wrong, keeps the credentials in force until it reads well.
+    /// Runs `f` over the credentials, read again first if the file changed. A file emptied of credentials
+    /// revokes them all (the way to lock everyone out without a restart); a file that is missing or has a wrong
+    /// line (one being rewritten, a pasted plain secret) keeps the credentials in force, and says so.
     fn current<T>(&self, f: impl FnOnce(&HashMap<String, Credential<R>>) -> T) -> T {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.checked.elapsed() > RELOAD_CHECK_EVERY {
             loaded.checked = Instant::now();
-            let modified = std::fs::metadata(&self.path)
-                .and_then(|m| m.modified())
-                .ok();
-            if modified != loaded.modified {
+            let stamp = stamp_of(&self.path);
+            if stamp != loaded.stamp {
                 match read(&self.path, self.parse_role, self.roles) {
-                    Ok((by_hash, modified)) if !by_hash.is_empty() => {
-                        tracing::info!(
-                            credentials = by_hash.len(),
-                            file = %self.path.display(),
-                            "credentials read again"
-                        );
+                    Ok((by_hash, stamp)) => {
+                        if by_hash.is_empty() {
+                            tracing::warn!(
+                                file = %self.path.display(),
+                                "the credentials file holds none: every credential is revoked"
+                            );
+                        } else {
+                            tracing::info!(
+                                credentials = by_hash.len(),
+                                file = %self.path.display(),
+                                "credentials read again"
+                            );
+                        }
                         loaded.by_hash = by_hash;
-                        loaded.modified = modified;
+                        loaded.stamp = stamp;
                     }
-                    Ok(_) => tracing::warn!(
-                        file = %self.path.display(),
-                        "the credentials file holds none now; keeping those read before"
-                    ),
                     Err(e) => tracing::warn!("{e:#}; keeping the credentials read before"),
                 }
             }
@@ -118,12 +121,19 @@ impl<R: Clone> CredentialFile<R> {
 }
 
 type ByHash<R> = HashMap<String, Credential<R>>;
+/// A file's modification time and length.
+type Stamp = (SystemTime, u64);
+
+fn stamp_of(path: &Path) -> Option<Stamp> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
 
 fn read<R>(
     path: &Path,
     parse_role: fn(&str) -> Option<R>,
     roles: &str,
-) -> anyhow::Result<(ByHash<R>, Option<SystemTime>)> {
+) -> anyhow::Result<(ByHash<R>, Option<Stamp>)> {
     use anyhow::Context;
     let metadata = std::fs::metadata(path)
         .with_context(|| format!("reading the credentials file {}", path.display()))?;
@@ -133,12 +143,16 @@ fn read<R>(
         path.display(),
         metadata.len()
     );
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the credentials file {}", path.display()))?;
-    Ok((
-        parse(&text, path, parse_role, roles)?,
-        metadata.modified().ok(),
-    ))
+    // Bounded even if the file grew since (or is not a regular file).
+    let mut text = String::new();
+    {
+        use std::io::Read;
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_FILE_BYTES).read_to_string(&mut text))
+            .with_context(|| format!("reading the credentials file {}", path.display()))?;
+    }
+    let stamp = metadata.modified().ok().map(|m| (m, metadata.len()));
+    Ok((parse(&text, path, parse_role, roles)?, stamp))
 }
 
 /// `ROLE SHA256-HEX [NAME]` per line; `#` starts a comment; `path` names the file in errors.

@@ -17,28 +17,70 @@ const ENV_PREFIX: &str = "EDOW_KAFKA_";
 /// Largest properties file read.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
-/// librdkafka settings edow's guarantees rest on: an operator may not change them.
-pub const FIXED: [&str; 8] = [
+/// librdkafka settings edow's guarantees rest on (with their aliases): an operator may not change them.
+/// Offsets reset to the earliest record and end-of-partition events are what restore, readers and new groups
+/// rely on; a static or transactional id in a config shared by replicas would fence them from one another.
+pub const FIXED: [&str; 16] = [
     "bootstrap.servers",
+    "metadata.broker.list",
     "group.id",
+    "group.instance.id",
+    "group.protocol",
     "enable.auto.commit",
     "enable.auto.offset.store",
+    "auto.offset.reset",
+    "enable.partition.eof",
     "enable.idempotence",
     "acks",
+    "request.required.acks",
     "partitioner",
     "isolation.level",
+    "transactional.id",
+    "partition.assignment.strategy",
+];
+
+/// Java clients' settings that librdkafka does not know, with what to write instead; refused with that advice
+/// (and without echoing the value, which for JAAS holds a password).
+const JAVA_ONLY: [(&str, &str); 2] = [
+    (
+        "sasl.jaas.config",
+        "librdkafka takes sasl.username and sasl.password (EDOW_KAFKA_SASL_USERNAME, EDOW_KAFKA_SASL_PASSWORD)",
+    ),
+    (
+        "ssl.truststore.location",
+        "librdkafka takes a PEM file as ssl.ca.location",
+    ),
 ];
 
 /// Whether `key` holds a secret: never taken from a flag, never shown.
 pub fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    key.contains("password")
-        || key.contains("secret")
-        || key == "ssl.key.pem"
+    [
+        "password",
+        "secret",
+        "passphrase",
+        "jaas",
+        "private.key",
+        "key.pem",
+        "token",
+    ]
+    .iter()
+    .any(|part| key.contains(part))
         || key == "ssl_key"
-        || key == "ssl.keystore.location.password"
         || key == "sasl.oauthbearer.config"
-        || key == "sasl.username.password"
+}
+
+/// `text` with the value of every secret among `settings` replaced by `***`: for errors that quote settings
+/// (librdkafka's configuration errors print the value they refused).
+pub fn scrub(text: &str, settings: &[(String, String)]) -> String {
+    let mut scrubbed = text.to_string();
+    for (_, value) in settings
+        .iter()
+        .filter(|(k, v)| is_secret(k) && v.len() >= 3)
+    {
+        scrubbed = scrubbed.replace(value.as_str(), "***");
+    }
+    scrubbed
 }
 
 /// `settings` as they may be shown: every secret's value is `***`.
@@ -63,6 +105,9 @@ fn check_not_fixed(key: &str, source: &str) -> anyhow::Result<()> {
         "{source}: '{key}' is set by edow and cannot be changed: exactly-once processing depends on it \
          (bootstrap servers have their own option)"
     );
+    if let Some((_, instead)) = JAVA_ONLY.iter().find(|(java, _)| *java == key) {
+        anyhow::bail!("{source}: '{key}' is a Java client setting: {instead}");
+    }
     Ok(())
 }
 
@@ -167,6 +212,15 @@ fn refuse_secret_flags(flags: &[(String, String)]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Ends a binary's `main`: on an error, prints it (with every secret of `settings` scrubbed, as librdkafka's
+/// configuration errors quote values) and exits with 1.
+pub fn exit_on_error(result: anyhow::Result<()>, settings: &[(String, String)]) {
+    if let Err(e) = result {
+        eprintln!("Error: {}", scrub(&format!("{e:?}"), settings));
+        std::process::exit(1);
+    }
 }
 
 /// The operator's Kafka settings, as every binary takes them.
@@ -280,6 +334,34 @@ mod tests {
         ] {
             assert!(gather(None, &[(key.into(), "x".into())]).is_err(), "{key}");
         }
+    }
+
+    #[test]
+    fn java_only_and_guarantee_settings_are_refused_naming_what_to_write() {
+        let path = Path::new("client.properties");
+        let err = parse_properties(
+            "sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required password=\"pw\";\n",
+            path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("sasl.username") && !err.contains("pw"),
+            "{err}"
+        );
+        for key in [
+            "auto.offset.reset",
+            "metadata.broker.list",
+            "request.required.acks",
+            "group.instance.id",
+        ] {
+            assert!(parse_flag_option(&format!("{key}=x")).is_err(), "{key}");
+        }
+        let scrubbed = scrub(
+            "Client config error: bad value sasl.password hunter2",
+            &[("sasl.password".into(), "hunter2".into())],
+        );
+        assert!(!scrubbed.contains("hunter2"), "{scrubbed}");
     }
 
     #[test]

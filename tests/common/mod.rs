@@ -500,6 +500,20 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// Waits until `/readyz` answers 200 (the first assignment restored); it must answer 503 or 200 meanwhile.
+/// Waits up to 30 s for `process` to exit (a start refused) and returns its log; panics if it keeps running.
+pub async fn log_after_exit(process: &mut edow_testkit::Binary) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while process.process().is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "it kept running:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    process.log()
+}
+
 pub async fn wait_ready(addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -60,8 +60,13 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let args = Args::parse();
+    let settings = args.cluster.kafka_settings.settings().unwrap_or_default();
+    edow_kafka::settings::exit_on_error(run(args).await, &settings);
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     edow_kafka::process::init_logging(args.log.log_format);
     let _spans = edow_telemetry::trace::init_export("edow-worker")?;
     let limits = edow_worker::handlers::HandlerLimits {

@@ -9,9 +9,10 @@
 //! (`X-Hub-Signature-256: sha256=HEX`, an HMAC-SHA256 of the body) or Stripe's (`Edow-Signature: t=UNIX,v1=HEX`,
 //! an HMAC-SHA256 of `t.body`, refused when `t` is more than five minutes away). The secret of hook `W` is the
 //! file `W` of the hook secrets directory. Only the body (and the timestamp) is signed, so a signed delivery's
-//! instance id comes from the body alone, or from its signature when the hook declares no id: a replay, with
-//! whatever other headers, starts nothing new. A hook without a secret takes an operator's token instead while
-//! authentication is on, so that no unauthenticated request reaches Kafka.
+//! instance id comes from the body alone (its `hook.id` expression over the body, or the body's digest): a
+//! replay or a retry, whatever its headers or timestamp, starts nothing new. A hook without a secret takes an
+//! operator's token instead while authentication is on, and is refused while it is off but a secrets directory
+//! is configured, so that a lost secret file closes the hook instead of opening it.
 //!
 //! `/healthz`, `/readyz`, `/metrics` and `/v1/openapi.json` stay open: probes and scrapers hold no token, and none
 //! of them shows a payload (docs/security.md).
@@ -180,8 +181,17 @@ impl Auth {
     ) -> Result<Delivery, ApiError> {
         match self.hook_secret(workflow)? {
             Some(secret) => {
-                verify_signature(&secret, headers, body, SystemTime::now()).map(Delivery::Signed)
+                verify_signature(&secret, headers, body, SystemTime::now())?;
+                // Retries re-sign with a new timestamp: the body, not the signature, is the delivery.
+                Ok(Delivery::Signed {
+                    body_digest: edow_auth::sha256_hex(body),
+                })
             }
+            // Hooks are meant to be signed here: one whose secret is missing (a file renamed or deleted) stays
+            // closed rather than open.
+            None if self.hook_secrets.is_some() && !self.is_on() => Err(unauthorized(format!(
+                "hook {workflow} has no secret: put one in the file {workflow} of the hook secrets directory"
+            ))),
             None if self.is_on() => {
                 let principal = self.principal(headers).map_err(|_| {
                     unauthorized(format!(
@@ -199,10 +209,10 @@ impl Auth {
 /// How a webhook delivery was let in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
-    /// Signed with the hook's secret; the signature (hex). Only the body (and a Stripe-style timestamp) is
-    /// signed, so nothing else of the request may choose the instance id: a replay with other headers would
-    /// start new workflows.
-    Signed(String),
+    /// Signed with the hook's secret. Only the body (and a Stripe-style timestamp) is signed, so nothing else
+    /// of the request may choose the instance id: a replay with other headers would start new workflows. The
+    /// body's SHA-256 (hex) names a delivery whose definition declares no `hook.id`.
+    Signed { body_digest: String },
     /// By an operator's token, or with authentication off.
     Trusted,
 }
@@ -290,14 +300,14 @@ fn verify_signature(
     headers: &HeaderMap,
     body: &[u8],
     now: SystemTime,
-) -> Result<String, ApiError> {
+) -> Result<(), ApiError> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(value) = header("x-hub-signature-256") {
         let Some(hex) = value.strip_prefix("sha256=") else {
             return Err(unsigned("X-Hub-Signature-256", "write it as sha256=HEX"));
         };
         if edow_auth::hmac_signed(secret, &[body], hex) {
-            return Ok(hex.trim().to_ascii_lowercase());
+            return Ok(());
         }
         return Err(unsigned(
             "X-Hub-Signature-256",
@@ -334,11 +344,11 @@ fn verify_signature(
             ));
         }
         let t = timestamp.to_string();
-        if let Some(good) = signatures
+        if signatures
             .iter()
-            .find(|s| edow_auth::hmac_signed(secret, &[t.as_bytes(), b".", body], s))
+            .any(|s| edow_auth::hmac_signed(secret, &[t.as_bytes(), b".", body], s))
         {
-            return Ok(good.trim().to_ascii_lowercase());
+            return Ok(());
         }
         return Err(unsigned(
             "Edow-Signature",

@@ -2,7 +2,7 @@
 //! comes from the definition's `hook: {id: EXPRESSION}` evaluated over `{body, headers}` (as `<workflow>:<value>`),
 //! so a webhook its sender delivers again starts nothing new; without a `hook`, from an `Idempotency-Key` header,
 //! else a new id. For a hook with a secret only what is signed counts: the expression sees the body but no
-//! headers, and without a `hook` the id comes from the signature (see `auth`).
+//! headers, and without a `hook` the id comes from the body's digest (see `auth`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -86,8 +86,8 @@ pub async fn hook(
 ) -> Result<Response, ApiError> {
     // Before anything else, so that an unsigned delivery costs no read of the cluster.
     let delivery = api.auth.check_hook(&workflow, &headers, &body)?;
-    let signature = match &delivery {
-        Delivery::Signed(signature) => Some(signature.clone()),
+    let signed_body = match &delivery {
+        Delivery::Signed { body_digest } => Some(body_digest.clone()),
         Delivery::Trusted => None,
     };
     let text =
@@ -106,11 +106,21 @@ pub async fn hook(
             .map(str::to_string)
     };
     let id = match &definition.hook {
+        Some(hook) if signed_body.is_some() && hook.id.contains("headers") => {
+            return Err(ApiError::bad(
+                "hook",
+                format!(
+                    "hook {workflow} is signed, and a signature covers the body only: its id expression `{}` may \
+                     not read headers (a replay could change them); take the id from the body",
+                    hook.id
+                ),
+            ));
+        }
         Some(hook) => {
             // Headers are not signed: a signed hook's id must not depend on them.
             let visible: serde_json::Map<String, Value> = headers
                 .iter()
-                .filter(|_| signature.is_none())
+                .filter(|_| signed_body.is_none())
                 .filter_map(|(k, v)| {
                     Some((
                         k.as_str().to_string(),
@@ -141,9 +151,9 @@ pub async fn hook(
             Some(format!("{workflow}:{value}"))
         }
         // The same signed delivery again (a replay, or the sender's retry) is the same instance.
-        None => signature
+        None => signed_body
             .as_ref()
-            .map(|s| format!("{workflow}:sig-{}", &s[..s.len().min(32)])),
+            .map(|digest| format!("{workflow}:body-{}", &digest[..digest.len().min(32)])),
     };
     let started = api
         .client
@@ -152,7 +162,7 @@ pub async fn hook(
             id,
             input: text.to_string(),
             correlation_id: header("x-correlation-id"),
-            idempotency_key: header("idempotency-key").filter(|_| signature.is_none()),
+            idempotency_key: header("idempotency-key").filter(|_| signed_body.is_none()),
             trace: trace_of(&headers),
             ..StartRequest::default()
         })

@@ -35,14 +35,19 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
+    let args = Args::parse();
+    let settings = args.kafka.settings().unwrap_or_default();
+    edow_kafka::settings::exit_on_error(run(args).await, &settings);
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
     let config = edow_registry::Config {
         listen: args.listen,
         bootstrap_servers: args.bootstrap_servers,

@@ -98,9 +98,14 @@ impl Http {
         limits: &HandlerLimits,
         headers: Vec<SecretHeader>,
     ) -> anyhow::Result<Http> {
+        let mut client = reqwest::Client::builder().timeout(limits.timeout);
+        if !headers.is_empty() {
+            // A redirect elsewhere would carry the secret headers there (reqwest strips only Authorization).
+            client = client.redirect(reqwest::redirect::Policy::none());
+        }
         Ok(Http {
             url: url.to_string(),
-            client: reqwest::Client::builder().timeout(limits.timeout).build()?,
+            client: client.build()?,
             max_output_bytes: limits.max_output_bytes,
             headers,
         })
