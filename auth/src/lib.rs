@@ -137,6 +137,12 @@ fn read<R>(
     use anyhow::Context;
     let metadata = std::fs::metadata(path)
         .with_context(|| format!("reading the credentials file {}", path.display()))?;
+    // A FIFO or a device would block the read, and every request waiting on it.
+    anyhow::ensure!(
+        metadata.is_file(),
+        "the credentials file {} is not a regular file",
+        path.display()
+    );
     anyhow::ensure!(
         metadata.len() <= MAX_FILE_BYTES,
         "the credentials file {} is {} bytes, over {MAX_FILE_BYTES}",

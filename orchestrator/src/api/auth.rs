@@ -281,6 +281,13 @@ pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: 
 
 fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
+    // A FIFO or a device would block the request; a directory is no secret.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(MAX_SECRET_BYTES as u64 + 1)

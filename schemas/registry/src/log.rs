@@ -109,6 +109,22 @@ impl SchemaLog {
         self.append(&LogKey::Noop { magic: 0 }, None::<&()>).await
     }
 
+    /// An idempotent producer that librdkafka has failed for good (nisshi has answered
+    /// `OutOfOrderSequenceNumber`) refuses every later write: rather than answer 500 to every registration from
+    /// then on, the registry exits so that its supervisor starts it again with a new producer. Nothing is lost:
+    /// a registration either reached the log (and is read back by the next instance) or was answered with an
+    /// error.
+    fn exit_if_fatal(&self) {
+        use rdkafka::producer::Producer;
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            tracing::error!(
+                ?code,
+                "the schemas producer failed for good ({reason}); exiting so that a restart recovers"
+            );
+            std::process::exit(70);
+        }
+    }
+
     /// Appends a record (a tombstone when `value` is None, except for NOOPs, which carry an empty object)
     /// and returns its offset once this instance has applied it.
     pub async fn append<V: serde::Serialize>(
@@ -126,11 +142,13 @@ impl SchemaLog {
         if let Some(v) = value_bytes.as_deref() {
             record = record.payload(v);
         }
-        let delivery = self
-            .producer
-            .send(record, WRITE_TIMEOUT)
-            .await
-            .map_err(|(e, _)| anyhow::anyhow!("writing to {}: {e}", self.topic))?;
+        let delivery = match self.producer.send(record, WRITE_TIMEOUT).await {
+            Ok(delivery) => delivery,
+            Err((e, _)) => {
+                self.exit_if_fatal();
+                return Err(anyhow::anyhow!("writing to {}: {e}", self.topic));
+            }
+        };
         let offset = delivery.offset;
         let mut applied = self.applied.clone();
         tokio::time::timeout(WRITE_TIMEOUT, applied.wait_for(|next| *next > offset))
