@@ -97,6 +97,11 @@ async fn workflows_run_end_to_end_with_every_client_on_sasl_over_tls() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("sasl.username=edow-cli") && !said.contains("not-the-password"),
+        "the refusal should say how it tried to log in, never the password: {said}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "a wrong password took {:?}",

@@ -59,6 +59,26 @@ impl Kafka {
         }
     }
 
+    /// What to check when the cluster cannot be reached: where, and how edow is told to log in (no secret).
+    fn reach_hint(&self) -> String {
+        let setting = |key: &str| {
+            self.options
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map_or("-", |(_, v)| v.as_str())
+                .to_string()
+        };
+        format!(
+            "check that {} is reachable and that the security settings match the listener (security.protocol={}, \
+             sasl.mechanism={}, sasl.username={}; a wrong password shows as all brokers down)",
+            self.bootstrap_servers,
+            setting("security.protocol"),
+            setting("sasl.mechanism"),
+            setting("sasl.username")
+        )
+    }
+
     /// `config` with the operator's options over it.
     fn finish(&self, mut config: ClientConfig) -> ClientConfig {
         for (key, value) in self.options.iter().filter(|(key, _)| !key.is_empty()) {
@@ -195,7 +215,13 @@ impl Kafka {
         let results = admin
             .create_topics(new_topics.iter(), &options)
             .await
-            .with_context(|| format!("creating topics on {}", self.bootstrap_servers))?;
+            .with_context(|| {
+                format!(
+                    "creating topics on {}; {}",
+                    self.bootstrap_servers,
+                    self.reach_hint()
+                )
+            })?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -208,7 +234,7 @@ impl Kafka {
             let metadata = admin
                 .inner()
                 .fetch_metadata(None, Duration::from_secs(10))
-                .context("reading topic metadata")?;
+                .with_context(|| format!("reading topic metadata; {}", self.reach_hint()))?;
             let counts: std::collections::HashMap<String, usize> = metadata
                 .topics()
                 .iter()
@@ -242,7 +268,7 @@ impl Kafka {
         let metadata = self
             .reader()?
             .fetch_metadata(None, Duration::from_secs(10))
-            .context("reading the cluster's topics")?;
+            .with_context(|| format!("reading the cluster's topics; {}", self.reach_hint()))?;
         Ok(metadata
             .topics()
             .iter()
@@ -256,7 +282,7 @@ impl Kafka {
         let reader = self.reader()?;
         let metadata = reader
             .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .with_context(|| format!("reading metadata of {topic}"))?;
+            .with_context(|| format!("reading metadata of {topic}; {}", self.reach_hint()))?;
         Ok(metadata
             .topics()
             .first()
@@ -305,7 +331,12 @@ impl Kafka {
         let reader = self.reader()?;
         let (low, high) = reader
             .fetch_watermarks(topic, partition, Duration::from_secs(10))
-            .with_context(|| format!("reading the end offsets of {topic}/{partition}"))?;
+            .with_context(|| {
+                format!(
+                    "reading the end offsets of {topic}/{partition}; {}",
+                    self.reach_hint()
+                )
+            })?;
         let start = match from {
             Offset::Offset(o) => o.max(low),
             _ => low,
