@@ -1,6 +1,6 @@
 //! Every client of every binary on a secured cluster: the broker reached only over TLS (through a terminator,
-//! stunnel) and requiring SASL SCRAM-SHA-512, each process logged in as its own principal; the registry served
-//! over https and requiring basic auth, with a read-only role. The registry, orchestrator, worker
+//! stunnel) and requiring SASL SCRAM-SHA-512, each process logged in as its own principal; edow-registry serving
+//! https itself and requiring basic auth, with a read-only role. The registry, orchestrator, worker
 //! and CLI take their settings the ways the Kafka ecosystem gives them (`EDOW_KAFKA_*` variables, a client
 //! properties file, `--kafka-option`); a wrong password fails cleanly, secrets are refused on flags and never
 //! logged.
@@ -148,6 +148,11 @@ async fn registry_refuses_who_may_not(cluster: &Cluster) {
         }
         request.send()
     };
+    // A client that connects and never says hello holds no one else up: handshakes run on their own.
+    let port = base.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut plain, b"GET /subjects HTTP/1.1\r\n\r\n").unwrap();
     let response = get(None).await.unwrap();
     assert_eq!(response.status(), 401);
     let body: serde_json::Value = response.json().await.unwrap();

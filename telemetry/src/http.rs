@@ -1,5 +1,6 @@
 //! The metrics listener: `/metrics` in the Prometheus text format and `/healthz`, as routes a binary merges
-//! into its own HTTP router (the orchestrator's API) or serves alone (`--metrics-addr` of the worker).
+//! into its own HTTP router (the orchestrator's API) or serves alone (`--metrics-addr` of the worker); and a TLS
+//! listener for the binaries that serve https themselves (edow-registry).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,4 +48,99 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+/// A certificate chain and its private key (PKCS#8), both PEM files, for a listener that serves TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// Most TLS handshakes in progress at once; a handshake not done within [`HANDSHAKE_TIMEOUT`] is dropped, so a
+/// client that connects and says nothing holds one slot for a moment, never the listener.
+const MAX_HANDSHAKES: usize = 256;
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A TCP listener whose connections have completed a TLS handshake, for `axum::serve`. Handshakes run in tasks
+/// of their own, so a slow or hostile client never holds up the next one.
+pub struct TlsListener {
+    accepted: tokio::sync::mpsc::Receiver<(
+        tokio_native_tls::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Binds `addr` and serves TLS with `files`; fails naming the file that cannot be read or used.
+    pub async fn bind(addr: SocketAddr, files: &TlsFiles) -> anyhow::Result<TlsListener> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let identity = native_tls::Identity::from_pkcs8(&read(&files.cert)?, &read(&files.key)?)
+            .with_context(|| {
+                format!(
+                    "{} and {} are not a PEM certificate chain and its PKCS#8 private key",
+                    files.cert.display(),
+                    files.key.display()
+                )
+            })?;
+        let acceptor = tokio_native_tls::TlsAcceptor::from(
+            native_tls::TlsAcceptor::new(identity).context("setting up TLS")?,
+        );
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}; pick a free address"))?;
+        let local = tcp.local_addr()?;
+        let (sender, accepted) = tokio::sync::mpsc::channel(64);
+        let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match tcp.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!("accepting a connection: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                    return;
+                };
+                let (acceptor, handed) = (acceptor.clone(), sender.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = handed.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+                if sender.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(TlsListener { accepted, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_native_tls::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(accepted) => accepted,
+            // The accepting task ended (its listener failed for good): serve nothing more.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }

@@ -466,9 +466,8 @@ impl Broker {
     }
 }
 
-/// Starts stunnel accepting TLS on `tls_port` for the plain `port`, with a new self-signed certificate for
-/// 127.0.0.1 in `dir`.
-fn tls_terminator(dir: &Path, tls_port: u16, port: u16) -> Tls {
+/// A new self-signed certificate for 127.0.0.1 and its PKCS#8 key, as PEM files in `dir`.
+fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let made = Command::new("openssl")
         .args([
@@ -490,6 +489,13 @@ fn tls_terminator(dir: &Path, tls_port: u16, port: u16) -> Tls {
         "openssl could not make a certificate: {}",
         String::from_utf8_lossy(&made.stderr)
     );
+    (cert, key)
+}
+
+/// Starts stunnel accepting TLS on `tls_port` for the plain `port`, with a new self-signed certificate for
+/// 127.0.0.1 in `dir`.
+fn tls_terminator(dir: &Path, tls_port: u16, port: u16) -> Tls {
+    let (cert, key) = self_signed_certificate(dir);
     let config = dir.join("stunnel.conf");
     std::fs::write(
         &config,
@@ -531,8 +537,8 @@ pub const REGISTRY_PRINCIPAL: &str = "edow-registry";
 pub struct Registry {
     process: Process,
     port: u16,
-    /// stunnel serving https in front of it ([`Registry::start_secured`]), and the users file and certificate.
-    tls: Option<Tls>,
+    /// The certificate it serves https with ([`Registry::start_secured`]), and the dir of that and its users.
+    ca: Option<PathBuf>,
     _secured_dir: Option<TempDir>,
     _dir: TempDir,
 }
@@ -542,8 +548,8 @@ impl Registry {
         Registry::start_with(broker, &[])
     }
 
-    /// A registry requiring basic auth as one of `users` (role, name, password), served over https by a TLS
-    /// terminator with a certificate of its own ([`Registry::ca`]).
+    /// A registry requiring basic auth as one of `users` (role, name, password), serving https itself with a
+    /// certificate of its own ([`Registry::ca`]).
     pub fn start_secured(broker: &Broker, users: &[(&str, &str, &str)]) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("edow-registry-users-")
@@ -562,16 +568,26 @@ impl Registry {
             })
             .collect();
         std::fs::write(&file, lines).unwrap();
-        let mut registry = Registry::start_with(broker, &["--users", file.to_str().unwrap()]);
-        let tls_port = free_port();
-        registry.tls = Some(tls_terminator(dir.path(), tls_port, registry.port));
+        let (cert, key) = self_signed_certificate(dir.path());
+        let mut registry = Registry::start_with(
+            broker,
+            &[
+                "--users",
+                file.to_str().unwrap(),
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+        );
+        registry.ca = Some(cert);
         registry._secured_dir = Some(dir);
         registry
     }
 
     /// The PEM certificate that a client of a secured registry trusts.
     pub fn ca(&self) -> Option<PathBuf> {
-        self.tls.as_ref().map(|t| t.ca.clone())
+        self.ca.clone()
     }
 
     /// Starts the registry with extra command-line arguments.
@@ -611,7 +627,7 @@ impl Registry {
         Registry {
             process,
             port,
-            tls: None,
+            ca: None,
             _secured_dir: None,
             _dir: dir,
         }
@@ -619,8 +635,8 @@ impl Registry {
 
     /// Base URL, e.g. `http://127.0.0.1:41234` (`https://` through the terminator when secured).
     pub fn url(&self) -> String {
-        match &self.tls {
-            Some(tls) => format!("https://127.0.0.1:{}", tls.port),
+        match &self.ca {
+            Some(_) => format!("https://127.0.0.1:{}", self.port),
             None => format!("http://127.0.0.1:{}", self.port),
         }
     }

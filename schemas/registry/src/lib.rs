@@ -24,6 +24,8 @@ pub struct Config {
     pub users: Option<std::path::PathBuf>,
     /// Serve without users on a non-loopback address, because something in front authenticates.
     pub allow_unauthenticated: bool,
+    /// Serve https with this certificate and key; `None`: plain http (behind a terminator, or on loopback).
+    pub tls: Option<edow_telemetry::http::TlsFiles>,
 }
 
 /// Reads the schemas log, then serves the API until `shutdown` resolves. The listener is bound only once the
@@ -59,6 +61,14 @@ pub async fn serve(
         users,
         auth::authenticate,
     ));
+    if let Some(files) = &config.tls {
+        let listener = edow_telemetry::http::TlsListener::bind(config.listen, files).await?;
+        tracing::info!(listen = %config.listen, topic = %config.topic, "schema registry serving https");
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTPS");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -32,6 +32,11 @@ struct Args {
     /// Serve without users on a non-loopback address, because something in front of it authenticates.
     #[arg(long, env = "EDOW_REGISTRY_ALLOW_UNAUTHENTICATED")]
     allow_unauthenticated: bool,
+    /// Serve https: a PEM certificate chain (with --tls-key, its PKCS#8 private key in PEM).
+    #[arg(long, env = "EDOW_REGISTRY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "EDOW_REGISTRY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -56,6 +61,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         replication_factor: args.replication_factor,
         users: args.users,
         allow_unauthenticated: args.allow_unauthenticated,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| edow_telemetry::http::TlsFiles { cert, key }),
     };
     edow_registry::serve(config, shutdown_signal()).await
 }
