@@ -318,6 +318,13 @@ async fn tokens_roles_and_signed_hooks_guard_every_route() {
             .starts_with("locked-noid:body-"),
         "{first}"
     );
+    let other = r#"{"order": 43}"#;
+    let (status, different) = hook(&base, "locked-noid", other, &stripe_at(t, other)).await;
+    assert_eq!(status, 202, "{different}");
+    assert_ne!(
+        different["id"], first["id"],
+        "another body is another delivery"
+    );
     let (status, stale) = hook(&base, "locked-noid", order, &stripe_at(t - 600, order)).await;
     assert_eq!(
         (status, &stale["error"]["field"]),

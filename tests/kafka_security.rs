@@ -153,7 +153,10 @@ async fn registry_refuses_who_may_not(cluster: &Cluster) {
     let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(&mut plain, b"GET /subjects HTTP/1.1\r\n\r\n").unwrap();
-    let response = get(None).await.unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(3), get(None))
+        .await
+        .expect("a silent client held the listener up")
+        .unwrap();
     assert_eq!(response.status(), 401);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error_code"], 40101, "{body}");

@@ -74,7 +74,10 @@ impl Kafka {
              sasl.mechanism={}, sasl.username={}; a wrong password shows as all brokers down)",
             self.bootstrap_servers,
             setting("security.protocol"),
-            setting("sasl.mechanism"),
+            match setting("sasl.mechanism").as_str() {
+                "-" => setting("sasl.mechanisms"),
+                named => named.to_string(),
+            },
             setting("sasl.username")
         )
     }

@@ -62,7 +62,6 @@ pub fn is_secret(key: &str) -> bool {
         "jaas",
         "private.key",
         "key.pem",
-        "token",
     ]
     .iter()
     .any(|part| key.contains(part))
@@ -73,12 +72,16 @@ pub fn is_secret(key: &str) -> bool {
 /// `text` with the value of every secret among `settings` replaced by `***`: for errors that quote settings
 /// (librdkafka's configuration errors print the value they refused).
 pub fn scrub(text: &str, settings: &[(String, String)]) -> String {
-    let mut scrubbed = text.to_string();
-    for (_, value) in settings
+    let mut secrets: Vec<&str> = settings
         .iter()
-        .filter(|(k, v)| is_secret(k) && v.len() >= 3)
-    {
-        scrubbed = scrubbed.replace(value.as_str(), "***");
+        .filter(|(k, v)| is_secret(k) && !v.is_empty())
+        .map(|(_, v)| v.as_str())
+        .collect();
+    // The longest first, so that a secret inside another does not leave the rest of the longer one showing.
+    secrets.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    let mut scrubbed = text.to_string();
+    for value in secrets {
+        scrubbed = scrubbed.replace(value, "***");
     }
     scrubbed
 }
@@ -197,8 +200,11 @@ pub fn parse_flag_option(text: &str) -> Result<(String, String), String> {
             "'{text}' is not a librdkafka setting of the form KEY=VALUE (e.g. linger.ms=0)"
         ));
     }
+    // A secret is refused by `gather`, not here: a parser's refusal is printed with the whole value.
+    if is_secret(key) {
+        return Ok((key.to_string(), value.to_string()));
+    }
     check_not_fixed(key, "--kafka-option").map_err(|e| e.to_string())?;
-    // A secret is refused by `gather`, not here: the parser's refusal would echo the whole value.
     Ok((key.to_string(), value.to_string()))
 }
 
@@ -349,6 +355,10 @@ mod tests {
             err.contains("sasl.username") && !err.contains("pw"),
             "{err}"
         );
+        // The same through a flag: refused when gathered, never by the parser (which would print the value).
+        let jaas = parse_flag_option("sasl.jaas.config=required password=\"pw\"").unwrap();
+        let err = gather(None, &[jaas]).unwrap_err().to_string();
+        assert!(!err.contains("pw\""), "{err}");
         for key in [
             "auto.offset.reset",
             "metadata.broker.list",

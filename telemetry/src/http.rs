@@ -58,9 +58,10 @@ pub struct TlsFiles {
 }
 
 /// Most TLS handshakes in progress at once; a handshake not done within [`HANDSHAKE_TIMEOUT`] is dropped, so a
-/// client that connects and says nothing holds one slot for a moment, never the listener.
+/// client that connects and says nothing holds one slot for a moment, never the listener. A connection that
+/// finds every slot taken is closed at once rather than waited for.
 const MAX_HANDSHAKES: usize = 256;
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A TCP listener whose connections have completed a TLS handshake, for `axum::serve`. Handshakes run in tasks
 /// of their own, so a slow or hostile client never holds up the next one.
@@ -87,7 +88,10 @@ impl TlsListener {
                 )
             })?;
         let acceptor = tokio_native_tls::TlsAcceptor::from(
-            native_tls::TlsAcceptor::new(identity).context("setting up TLS")?,
+            native_tls::TlsAcceptor::builder(identity)
+                .min_protocol_version(Some(native_tls::Protocol::Tlsv12))
+                .build()
+                .context("setting up TLS")?,
         );
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
@@ -97,7 +101,12 @@ impl TlsListener {
         let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
-                let (stream, peer) = match tcp.accept().await {
+                let accepted = tokio::select! {
+                    // The server is gone: stop accepting, which frees the port.
+                    _ = sender.closed() => return,
+                    accepted = tcp.accept() => accepted,
+                };
+                let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!("accepting a connection: {e}");
@@ -105,8 +114,9 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let Ok(permit) = handshakes.clone().acquire_owned().await else {
-                    return;
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "every TLS handshake slot is taken; closing the connection");
+                    continue;
                 };
                 let (acceptor, handed) = (acceptor.clone(), sender.clone());
                 tokio::spawn(async move {
@@ -119,9 +129,6 @@ impl TlsListener {
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });
-                if sender.is_closed() {
-                    return;
-                }
             }
         });
         Ok(TlsListener { accepted, local })

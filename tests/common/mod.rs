@@ -499,7 +499,6 @@ pub fn http_client() -> reqwest::Client {
         .unwrap()
 }
 
-/// Waits until `/readyz` answers 200 (the first assignment restored); it must answer 503 or 200 meanwhile.
 /// Waits up to 30 s for `process` to exit (a start refused) and returns its log; panics if it keeps running.
 pub async fn log_after_exit(process: &mut edow_testkit::Binary) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -514,6 +513,7 @@ pub async fn log_after_exit(process: &mut edow_testkit::Binary) -> String {
     process.log()
 }
 
+/// Waits until `/readyz` answers 200 (the first assignment restored); it must answer 503 or 200 meanwhile.
 pub async fn wait_ready(addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -106,7 +106,7 @@ pub async fn hook(
             .map(str::to_string)
     };
     let id = match &definition.hook {
-        Some(hook) if signed_body.is_some() && hook.id.contains("headers") => {
+        Some(hook) if signed_body.is_some() && reads_headers(&hook.id) => {
             return Err(ApiError::bad(
                 "hook",
                 format!(
@@ -170,4 +170,37 @@ pub async fn hook(
     let location = format!("/v1/workflows/{}", path_segment(&started.id));
     let body = json!({"id": started.id, "trace_id": started.trace_id, "location": location});
     Ok((StatusCode::ACCEPTED, [("location", location)], Json(body)).into_response())
+}
+
+/// Whether `expression` reads the request's `headers` (the root field, not a `*.headers*` of the body).
+fn reads_headers(expression: &str) -> bool {
+    let identifier = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    expression.match_indices("headers").any(|(at, word)| {
+        let before = expression[..at].chars().next_back();
+        let after = expression[at + word.len()..].chars().next();
+        before.is_none_or(|c| !identifier(c) && c != '.' && c != '"')
+            && after.is_none_or(|c| !identifier(c))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_root_headers_field_counts_as_reading_headers() {
+        for reads in [
+            "headers.\"x-id\"",
+            "join('-', [body.a, headers.x])",
+            "headers",
+        ] {
+            assert!(super::reads_headers(reads), "{reads}");
+        }
+        for not in [
+            "body.headers_hash",
+            "body.headers",
+            "body.order_id",
+            "myheaders",
+        ] {
+            assert!(!super::reads_headers(not), "{not}");
+        }
+    }
 }
