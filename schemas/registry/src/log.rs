@@ -63,7 +63,10 @@ impl SchemaLog {
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "0");
+            .set("linger.ms", "0")
+            // One request at a time: schemas are written rarely, and nisshi has refused pipelined idempotent
+            // batches as out of order under load (OutOfOrderSequenceNumber, fatal to the producer).
+            .set("max.in.flight.requests.per.connection", "1");
         let producer: FutureProducer = with_options(producer, options)
             .create()
             .context("creating the registry's Kafka producer")?;
