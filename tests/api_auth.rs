@@ -68,16 +68,26 @@ fn token(cluster: &Cluster, role: &str) -> (String, String) {
     )
 }
 
-fn github_signature(secret: &str, body: &str) -> String {
+/// HMAC-SHA256 of `message` under `secret`, in hex.
+fn hmac_hex(secret: &str, message: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    let hex: String = mac
-        .finalize()
+    mac.update(message.as_bytes());
+    mac.finalize()
         .into_bytes()
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256={hex}")
+        .collect()
+}
+
+/// GitHub's `X-Hub-Signature-256` value for `body`.
+fn github_signature(secret: &str, body: &str) -> String {
+    format!("sha256={}", hmac_hex(secret, body))
+}
+
+/// The `Edow-Signature` header (Stripe's style) of `body` signed at `t` with the hook secret.
+fn stripe_signature(t: u64, body: &str) -> [(&'static str, String); 1] {
+    let hex = hmac_hex(HOOK_SECRET, &format!("{t}.{body}"));
+    [("edow-signature", format!("t={t},v1={hex}"))]
 }
 
 async fn hook(base: &str, workflow: &str, body: &str, headers: &[(&str, String)]) -> (u16, Value) {
@@ -272,43 +282,21 @@ async fn tokens_roles_and_signed_hooks_guard_every_route() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let stripe = {
-        let mut mac = Hmac::<Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
-        mac.update(format!("{t}.{second}").as_bytes());
-        let hex: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("t={t},v1={hex}")
-    };
-    let (status, body) = hook(
-        &base,
-        "locked-signed",
-        second,
-        &[("edow-signature", stripe)],
-    )
-    .await;
+    let (status, body) = hook(&base, "locked-signed", second, &stripe_signature(t, second)).await;
     assert_eq!(status, 202, "{body}");
 
     // Without hook.id, a signed delivery is named by its body: the sender's retry, signed again with a later
     // timestamp, is the same instance; a delivery signed ten minutes ago is refused.
-    let stripe_at = |t: u64, body: &str| {
-        let mut mac = Hmac::<Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
-        mac.update(format!("{t}.{body}").as_bytes());
-        let hex: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        [("edow-signature", format!("t={t},v1={hex}"))]
-    };
     let order = r#"{"order": 42}"#;
-    let (status, first) = hook(&base, "locked-noid", order, &stripe_at(t - 20, order)).await;
+    let (status, first) = hook(
+        &base,
+        "locked-noid",
+        order,
+        &stripe_signature(t - 20, order),
+    )
+    .await;
     assert_eq!(status, 202, "{first}");
-    let (status, retry) = hook(&base, "locked-noid", order, &stripe_at(t, order)).await;
+    let (status, retry) = hook(&base, "locked-noid", order, &stripe_signature(t, order)).await;
     assert_eq!(status, 202, "{retry}");
     assert_eq!(first["id"], retry["id"]);
     assert!(
@@ -319,13 +307,19 @@ async fn tokens_roles_and_signed_hooks_guard_every_route() {
         "{first}"
     );
     let other = r#"{"order": 43}"#;
-    let (status, different) = hook(&base, "locked-noid", other, &stripe_at(t, other)).await;
+    let (status, different) = hook(&base, "locked-noid", other, &stripe_signature(t, other)).await;
     assert_eq!(status, 202, "{different}");
     assert_ne!(
         different["id"], first["id"],
         "another body is another delivery"
     );
-    let (status, stale) = hook(&base, "locked-noid", order, &stripe_at(t - 600, order)).await;
+    let (status, stale) = hook(
+        &base,
+        "locked-noid",
+        order,
+        &stripe_signature(t - 600, order),
+    )
+    .await;
     assert_eq!(
         (status, &stale["error"]["field"]),
         (401, &json!("Edow-Signature")),

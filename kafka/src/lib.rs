@@ -410,6 +410,21 @@ impl Kafka {
     }
 }
 
+/// Exits the process (code 70) when librdkafka has failed `producer` for good: an idempotent producer that
+/// the broker refused (`OutOfOrderSequenceNumber`) never recovers, so retrying on it would fail for ever; a
+/// restart gets a new producer, and what was not acknowledged is produced again from where the process resumes.
+/// `what` names the producer in the log.
+pub fn exit_if_producer_failed(producer: &FutureProducer, what: &str) {
+    use rdkafka::producer::Producer;
+    if let Some((code, reason)) = producer.client().fatal_error() {
+        tracing::error!(
+            ?code,
+            "the {what} producer failed for good ({reason}); exiting so that a restart recovers"
+        );
+        std::process::exit(70);
+    }
+}
+
 /// A topic edow needs.
 #[derive(Debug, Clone)]
 pub struct TopicSpec {

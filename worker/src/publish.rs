@@ -134,18 +134,10 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// An idempotent producer that librdkafka has failed for good (e.g. `OutOfOrderSequenceNumber` from the
-    /// broker) never recovers: retrying on it would hold every permit for ever. That is this process's own fault,
-    /// so it exits; a restarted worker gets a new producer and the uncommitted tasks are redelivered to it.
+    /// Retrying on a producer failed for good would hold every permit for ever: the worker exits, and the
+    /// uncommitted tasks are redelivered to its restart.
     fn exit_if_fatal(&self) {
-        use rdkafka::producer::Producer;
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            tracing::error!(
-                ?code,
-                "the result producer failed for good ({reason}); exiting so that a restart recovers"
-            );
-            std::process::exit(70);
-        }
+        edow_kafka::exit_if_producer_failed(&self.producer, "result");
     }
 
     /// Publishes `result` until acknowledged. When it cannot fit in a record it is replaced (in place) by a

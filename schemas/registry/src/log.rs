@@ -112,20 +112,11 @@ impl SchemaLog {
         self.append(&LogKey::Noop { magic: 0 }, None::<&()>).await
     }
 
-    /// An idempotent producer that librdkafka has failed for good (nisshi has answered
-    /// `OutOfOrderSequenceNumber`) refuses every later write: rather than answer 500 to every registration from
-    /// then on, the registry exits so that its supervisor starts it again with a new producer. Nothing is lost:
-    /// a registration either reached the log (and is read back by the next instance) or was answered with an
-    /// error.
+    /// Rather than answer 500 to every registration once its producer has failed for good, the registry exits
+    /// for its supervisor to start it again. Nothing is lost: a registration either reached the log (and is read
+    /// back by the next instance) or was answered with an error.
     fn exit_if_fatal(&self) {
-        use rdkafka::producer::Producer;
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            tracing::error!(
-                ?code,
-                "the schemas producer failed for good ({reason}); exiting so that a restart recovers"
-            );
-            std::process::exit(70);
-        }
+        edow_kafka::exit_if_producer_failed(&self.producer, "schemas");
     }
 
     /// Appends a record (a tombstone when `value` is None, except for NOOPs, which carry an empty object)
