@@ -63,6 +63,8 @@ struct Cli {
     replication_factor: i32,
     #[command(flatten)]
     kafka_settings: edow_kafka::settings::KafkaArgs,
+    #[command(flatten)]
+    encryption: edow_orchestrator::sealing::EncryptionArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -174,6 +176,10 @@ enum Command {
     /// orchestrator's --api-tokens file (which keeps only the token's SHA-256).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Encryption keys: `edow key new --id k2` prints a line for the --encryption-keys file (put it first to
+    /// seal with it; keep the old lines until nothing sealed with them is left).
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Print an instance's lifecycle events as they happen, until it ends.
     Watch {
         id: String,
@@ -196,6 +202,16 @@ enum TokenCommand {
         name: String,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Make a new random 256-bit key and print its key file line.
+    New {
+        /// The key's id, recorded with every value it seals.
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -232,6 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         topics: topics.clone(),
         limits: edow_engine::Limits::default(),
         replication_factor: cli.replication_factor,
+        keys: cli.encryption.keyring()?,
     };
     match cli.command {
         Command::Schemas { action } => schemas(&codec, &cli.registry, &topics, action).await,
@@ -325,15 +342,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dlq(command) => dlq::run(&client, command).await,
         Command::Token(TokenCommand::New { role, name, output }) => new_token(&role, &name, output),
+        Command::Key(KeyCommand::New { id }) => {
+            println!("{}", edow_auth::sealing::new_key_line(&id)?);
+            eprintln!(
+                "add the line to the --encryption-keys file of the orchestrator and of the CLI"
+            );
+            Ok(())
+        }
         Command::Schedule(command) => schedule::run(&client, command).await,
         Command::Status {
             id,
             history,
             output,
         } => workflows::status(&client, &id, history, output).await,
-        Command::Watch { id, timeout } => {
-            watch(&kafka, &codec, &topics, &id, Duration::from_secs(timeout)).await
-        }
+        Command::Watch { id, timeout } => watch(&client, &id, Duration::from_secs(timeout)).await,
     }
 }
 
@@ -450,14 +472,9 @@ async fn home_partition(kafka: &Kafka, topic: &str, id: &str) -> anyhow::Result<
     Ok(partition_for(id.as_bytes(), partitions as i32))
 }
 
-async fn watch(
-    kafka: &Kafka,
-    codec: &Codec,
-    topics: &Topics,
-    id: &str,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let topic = topics.events();
+async fn watch(client: &Client, id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let (kafka, codec) = (&client.kafka, &client.codec);
+    let topic = client.topics.events();
     let partition = home_partition(kafka, &topic, id).await?;
     let consumer: StreamConsumer = kafka.group_consumer_config("edow-cli-watch").create()?;
     let mut assignment = TopicPartitionList::new();
@@ -477,7 +494,16 @@ async fn watch(
             .attempt
             .map(|a| format!(" attempt {a}"))
             .unwrap_or_default();
-        let detail = event.detail.as_deref().unwrap_or("");
+        let detail = match event.detail.clone() {
+            Some(detail) => edow_orchestrator::sealing::open_text(
+                client.keys.as_deref(),
+                &event.event_id,
+                "detail",
+                detail,
+            )
+            .unwrap_or_else(|e| format!("[unreadable: {e}]")),
+            None => String::new(),
+        };
         println!("{} {:?} {step}{attempt} {detail}", event.at, event.kind);
         if event.kind.ends_workflow() {
             return Ok(());

@@ -88,6 +88,7 @@ pub async fn list(client: &Client, args: ListArgs) -> anyhow::Result<()> {
     let index = visibility::snapshot(
         &client.kafka,
         &client.codec,
+        client.keys.as_deref(),
         &client.topics,
         &partitions,
         false,
@@ -143,6 +144,7 @@ pub async fn status(
     let index = visibility::snapshot(
         &client.kafka,
         &client.codec,
+        client.keys.as_deref(),
         &client.topics,
         &[partition],
         history,

@@ -5,6 +5,8 @@
 //! The secrets are meant to be 256 random bits ([`new_secret`]): for those an unsalted fast hash is enough, as
 //! there is nothing to guess. A human-chosen password would need a slow, salted hash instead.
 
+pub mod sealing;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

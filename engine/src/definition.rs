@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::expr;
 use crate::limits::Limits;
+use crate::redact::{Root, SensitivePath, MAX_PATHS};
 
 /// A parsed, validated workflow definition.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +39,8 @@ pub struct Definition {
     pub schedule: Option<DefinitionSchedule>,
     /// The schedule's catch-up window, parsed.
     pub schedule_window: Option<Duration>,
+    /// Paths whose values observers see masked (see [`crate::redact`]).
+    pub sensitive: Vec<SensitivePath>,
     by_name: BTreeMap<String, Step>,
 }
 
@@ -290,6 +293,8 @@ struct RawDefinition {
     hook: Option<Hook>,
     #[serde(default)]
     schedule: Option<DefinitionSchedule>,
+    #[serde(default)]
+    sensitive: Vec<String>,
     steps: Vec<RawStep>,
 }
 
@@ -403,6 +408,42 @@ struct RawCompensation {
     task: String,
     #[serde(default)]
     retry: Option<RetryPolicy>,
+}
+
+/// The `sensitive:` list, parsed, each path rooted at a step or signal the definition has.
+fn sensitive_paths(
+    texts: &[String],
+    steps: &BTreeMap<String, Step>,
+) -> Result<Vec<SensitivePath>, Invalid> {
+    if texts.len() > MAX_PATHS {
+        return Err((
+            "sensitive".into(),
+            format!(
+                "{} paths are marked; at most {MAX_PATHS} are allowed",
+                texts.len()
+            ),
+        ));
+    }
+    let mut paths = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let field = format!("sensitive[{i}]");
+        let path = SensitivePath::parse(text).map_err(|m| (field.clone(), m))?;
+        match &path.root {
+            Root::Step(name) if !steps.contains_key(name) => {
+                return Err((field, format!("`{text}` names step '{name}', which this definition does not have")))
+            }
+            Root::Signal(name)
+                if !steps
+                    .values()
+                    .any(|s| matches!(&s.kind, Kind::Wait { signal, .. } if signal == name)) =>
+            {
+                return Err((field, format!("`{text}` names signal '{name}', which no wait step of this definition waits for")))
+            }
+            _ => {}
+        }
+        paths.push(path);
+    }
+    Ok(paths)
 }
 
 /// Characters allowed in names that end up in topic names and ids.
@@ -936,6 +977,7 @@ impl Definition {
         }
         let mut by_name = BTreeMap::new();
         index_steps(&steps, &mut by_name);
+        let sensitive = sensitive_paths(&raw.sensitive, &by_name).map_err(|(f, m)| fail(f, m))?;
         Ok(Definition {
             name: raw.name,
             description: raw.description,
@@ -949,6 +991,7 @@ impl Definition {
             hook: raw.hook,
             schedule: raw.schedule,
             schedule_window,
+            sensitive,
             by_name,
         })
     }

@@ -1,11 +1,12 @@
 //! edow's workflow engine: definitions ([`definition`]), conditions and data mapping ([`expr`]), and the state
-//! machine that runs them ([`machine`]). No Kafka, clock or network in here: drivers feed inputs and carry out the
+//! machine that runs them ([`machine`]), and the masking of what a definition marks sensitive ([`redact`]). No Kafka, clock or network in here: drivers feed inputs and carry out the
 //! commands.
 
 pub mod definition;
 pub mod expr;
 pub mod limits;
 pub mod machine;
+pub mod redact;
 
 pub use definition::{Definition, DefinitionError, RetryPolicy};
 pub use limits::Limits;

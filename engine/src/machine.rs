@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::definition::{Definition, Join, Kind, Otherwise, RetryPolicy, Step};
 use crate::expr;
+use crate::redact::{Root, Secrets};
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
@@ -299,6 +300,9 @@ pub struct Instance {
     undoing: Option<Undoing>,
     seen_signals: VecDeque<String>,
     buffered: VecDeque<BufferedSignal>,
+    /// Values found at the definition's sensitive paths, masked in what observers see.
+    #[serde(default, skip_serializing_if = "Secrets::is_empty")]
+    secrets: Secrets,
 }
 
 /// What a node (or block) came to after an input.
@@ -1583,7 +1587,11 @@ impl Instance {
             undoing: None,
             seen_signals: VecDeque::new(),
             buffered: VecDeque::new(),
+            secrets: Secrets::default(),
         };
+        instance
+            .secrets
+            .collect(&definition.sensitive, &Root::Input, &start.input);
         let mut commands = vec![event(
             &instance.workflow_id,
             EventKind::WorkflowStarted,
@@ -1605,6 +1613,7 @@ impl Instance {
         commands.extend(more);
         instance.root = Some(root);
         commands.extend(instance.settle(definition, progress, now));
+        let commands = instance.observed(definition, commands);
         (instance, commands)
     }
 
@@ -1633,6 +1642,7 @@ impl Instance {
             code,
             message,
         ));
+        self.scrub_commands(&mut commands);
         commands
     }
 
@@ -1695,7 +1705,8 @@ impl Instance {
         now: Millis,
     ) -> Result<Vec<Command>, EngineError> {
         self.conforms(definition)?;
-        Ok(self.apply(definition, &mut Visit::Result(&result), now))
+        let commands = self.apply(definition, &mut Visit::Result(&result), now);
+        Ok(self.observed(definition, commands))
     }
 
     /// Fires what is due: retries, task timeouts, sleeps, wait timeouts, the deadline.
@@ -1705,7 +1716,8 @@ impl Instance {
         now: Millis,
     ) -> Result<Vec<Command>, EngineError> {
         self.conforms(definition)?;
-        Ok(self.fire(definition, now))
+        let commands = self.fire(definition, now);
+        Ok(self.observed(definition, commands))
     }
 
     fn fire(&mut self, definition: &Definition, now: Millis) -> Vec<Command> {
@@ -1736,7 +1748,8 @@ impl Instance {
         now: Millis,
     ) -> Result<Vec<Command>, EngineError> {
         self.conforms(definition)?;
-        Ok(self.signal(definition, signal_id, name, payload, now))
+        let commands = self.signal(definition, signal_id, name, payload, now);
+        Ok(self.observed(definition, commands))
     }
 
     fn signal(
@@ -1751,6 +1764,11 @@ impl Instance {
             return Vec::new();
         }
         self.touch(now);
+        self.secrets.collect(
+            &definition.sensitive,
+            &Root::Signal(name.to_string()),
+            &payload,
+        );
         let mut visit = Visit::Signal {
             name,
             payload: &payload,
@@ -1794,7 +1812,73 @@ impl Instance {
         } else {
             format!("cancelled: {reason}")
         };
-        Ok(self.begin_undo(definition, End::Cancelled, reason, now))
+        let commands = self.begin_undo(definition, End::Cancelled, reason, now);
+        Ok(self.observed(definition, commands))
+    }
+
+    /// `value` as observers may see it: every sensitive value this instance has seen masked.
+    pub fn redact(&self, value: &Value) -> Value {
+        self.secrets.scrub(value)
+    }
+
+    /// `text` as observers may see it (see [`Instance::redact`]).
+    pub fn redact_text(&self, text: &str) -> String {
+        self.secrets.scrub_text(text)
+    }
+
+    /// Whether anything this instance shows is masked.
+    pub fn has_secrets(&self) -> bool {
+        !self.secrets.is_empty()
+    }
+
+    /// The commands of a change, after collecting the sensitive values that completed steps and the workflow's
+    /// output brought, with their lifecycle event details and failure reports masked. Task inputs, child inputs
+    /// and outputs reported to a parent stay real: workers and workflows act on them.
+    fn observed(&mut self, definition: &Definition, mut commands: Vec<Command>) -> Vec<Command> {
+        if definition.sensitive.is_empty() && self.secrets.is_empty() {
+            return commands;
+        }
+        for command in &commands {
+            let Command::Emit(Event {
+                kind,
+                step,
+                detail: Some(detail),
+                ..
+            }) = command
+            else {
+                continue;
+            };
+            let root = match (kind, step) {
+                (EventKind::StepCompleted, Some(path)) => {
+                    let name = path.rsplit('/').next().unwrap_or(path);
+                    Root::Step(name.to_string())
+                }
+                (EventKind::WorkflowCompleted | EventKind::WorkflowFiltered, None) => Root::Output,
+                _ => continue,
+            };
+            self.secrets.collect(&definition.sensitive, &root, detail);
+        }
+        self.scrub_commands(&mut commands);
+        commands
+    }
+
+    fn scrub_commands(&self, commands: &mut [Command]) {
+        if self.secrets.is_empty() {
+            return;
+        }
+        for command in commands {
+            match command {
+                Command::Emit(Event {
+                    detail: Some(detail),
+                    ..
+                }) => self.secrets.scrub_in_place(detail),
+                Command::ReportToParent {
+                    outcome: Outcome::Failed(failure),
+                    ..
+                } => failure.message = self.secrets.scrub_text(&failure.message),
+                _ => {}
+            }
+        }
     }
 
     fn remember_signal(&mut self, signal_id: &str) -> bool {

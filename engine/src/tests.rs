@@ -346,3 +346,101 @@ proptest! {
         prop_assert!(json.len() < 1_000, "state grew to {} bytes", json.len());
     }
 }
+
+#[test]
+fn sensitive_values_are_masked_in_events_but_reach_tasks_and_later_steps() {
+    let d = Definition::parse(
+        "pay.yaml",
+        r#"
+name: pay
+sensitive: [input.card.number, steps.charge.token]
+steps:
+  - { name: charge, task: payment.charge, input: "input.card" }
+  - { name: receipt, task: mail.receipt, input: "{token: steps.charge.token, to: input.email}" }
+  - { name: audit, task: audit.log, retry: { max_attempts: 1 } }
+"#,
+    )
+    .unwrap();
+    let mut s = start("p1");
+    s.input = json!({"card": {"number": "4111111111111111"}, "email": "ada@example.com"});
+    let (mut wf, commands) = Instance::start(&d, s, 1_000);
+    assert_eq!(dispatches(&commands)[0].input["number"], "4111111111111111");
+    let commands = wf
+        .on_result(
+            &d,
+            completed(
+                "p1/charge/1",
+                json!({"token": "tok_9f8e7d", "card": "4111111111111111"}),
+            ),
+            2_000,
+        )
+        .unwrap();
+    let event = |commands: &[Command], kind: EventKind| -> Value {
+        commands
+            .iter()
+            .find_map(|c| match c {
+                Command::Emit(e) if e.kind == kind => e.detail.clone(),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        event(&commands, EventKind::StepCompleted),
+        json!({"token": "***", "card": "***"})
+    );
+    // The next task gets the real token.
+    assert_eq!(dispatches(&commands)[0].input["token"], "tok_9f8e7d");
+    let commands = wf
+        .on_result(&d, completed("p1/receipt/1", json!({"sent": true})), 3_000)
+        .unwrap();
+    assert_eq!(dispatches(&commands)[0].input, json!({"sent": true}));
+    // A worker echoing a secret in an error message: masked in the event and in the workflow's error.
+    let commands = wf
+        .on_result(
+            &d,
+            TaskOutcome {
+                task_id: "p1/audit/1".into(),
+                outcome: Outcome::Failed(Failure {
+                    code: "bad".into(),
+                    message: "refused tok_9f8e7d for card 4111111111111111".into(),
+                    retryable: false,
+                }),
+            },
+            4_000,
+        )
+        .unwrap();
+    assert_eq!(
+        event(&commands, EventKind::StepFailed)["message"],
+        "refused *** for card ***"
+    );
+    let shown = format!("{commands:?}");
+    assert!(
+        !shown.contains("tok_9f8e7d") && !shown.contains("4111111111111111"),
+        "{shown}"
+    );
+    let error = wf.error.clone().unwrap();
+    assert!(
+        error.contains("tok_9f8e7d"),
+        "the state keeps the truth: {error}"
+    );
+    assert!(!wf.redact_text(&error).contains("tok_9f8e7d"));
+    assert_eq!(wf.redact(&wf.input)["card"]["number"], "***");
+    assert_eq!(wf.redact(&wf.input)["email"], "ada@example.com");
+    // The collected values survive the round trip through storage.
+    let back: Instance = serde_json::from_value(serde_json::to_value(&wf).unwrap()).unwrap();
+    assert_eq!(back.redact(&back.input)["card"]["number"], "***");
+}
+
+#[test]
+fn sensitive_paths_must_name_what_the_definition_has() {
+    for (list, says) in [
+        ("[steps.nope.token]", "names step 'nope'"),
+        ("[signals.go.code]", "names signal 'go'"),
+        ("[card.number]", "starts with neither"),
+    ] {
+        let text = format!("name: x\nsensitive: {list}\nsteps:\n  - {{ name: a, task: t }}\n");
+        let e = Definition::parse("x.yaml", &text).unwrap_err();
+        assert!(e.field.starts_with("sensitive[0]"), "{e:?}");
+        assert!(e.message.contains(says), "{e:?}");
+    }
+}

@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::decode::Input;
 use crate::partition::{Early, EarlySignal, Outbox, Persisted};
+use crate::sealing;
 use crate::{BatchOutput, Orchestrator, DEPTH_ATTRIBUTE, MAX_WORKFLOW_ID_BYTES, PARENT_ATTRIBUTE};
 
 /// How long a due timer waits before it is tried again when its definition is missing or its state unreadable.
@@ -56,7 +57,7 @@ impl Orchestrator {
     fn start(
         &mut self,
         partition: i32,
-        trigger: WorkflowTrigger,
+        mut trigger: WorkflowTrigger,
         parent: Option<String>,
         trace: &TraceContext,
         now: i64,
@@ -86,11 +87,19 @@ impl Orchestrator {
                 ),
             ));
         };
+        // A child trigger this orchestrator wrote is sealed when encryption at rest is on.
+        let trigger_input = sealing::open_text(
+            self.config.keys.as_deref(),
+            &trigger.workflow_id,
+            "input",
+            std::mem::take(&mut trigger.input),
+        )
+        .map_err(|e| Reason::new("sealed", e))?;
         self.config
             .limits
-            .check_json("the trigger's input", &trigger.input)
+            .check_json("the trigger's input", &trigger_input)
             .map_err(|r| Reason::new(r.reason, r.message))?;
-        let input: Value = serde_json::from_str(&trigger.input).map_err(|e| {
+        let input: Value = serde_json::from_str(&trigger_input).map_err(|e| {
             Reason::new(
                 "invalid",
                 format!("the trigger's input is not a JSON document: {e}"),
@@ -208,7 +217,15 @@ impl Orchestrator {
         };
         let outcome = match result.status {
             TaskStatus::Completed => {
-                let output = result.output.as_deref().unwrap_or("null");
+                // A child's result to its parent is sealed when encryption at rest is on.
+                let output = sealing::open_text(
+                    self.config.keys.as_deref(),
+                    &format!("{}/{}", result.workflow_id, result.task_id),
+                    "output",
+                    result.output.clone().unwrap_or_else(|| "null".into()),
+                )
+                .map_err(|e| Reason::new("sealed", format!("{what}: {e}")))?;
+                let output = output.as_str();
                 match self.config.limits.check_json("the task's output", output) {
                     // The step fails, not the record: retrying would produce the same output again.
                     Err(refusal) => Outcome::Failed(Failure {

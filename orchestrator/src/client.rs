@@ -59,6 +59,8 @@ pub struct Client {
     pub topics: Topics,
     pub limits: Limits,
     pub replication_factor: i32,
+    /// Opens workflow data sealed at rest (see [`crate::sealing`]).
+    pub keys: Option<std::sync::Arc<edow_auth::sealing::Keyring>>,
 }
 
 /// A workflow to start.

@@ -190,7 +190,12 @@ impl Client {
             return Ok(None);
         };
         let mut shown = serde_json::to_value(&summary).map_err(anyhow::Error::from)?;
-        shown["original"] = self.decoded(&letter).await;
+        let mut original = self.decoded(&letter).await;
+        if let Some(record) = original.get_mut("record") {
+            let definitions = self.parsed_definitions().await?;
+            mask_original(record, self.origin_kind(&letter.origin_topic), &definitions);
+        }
+        shown["original"] = original;
         shown["headers"] = letter
             .headers
             .iter()
@@ -345,6 +350,32 @@ impl Client {
         Ok(Topics::dead_letters(origin))
     }
 
+    /// Every deployed definition that marks something sensitive.
+    async fn parsed_definitions(&self) -> Result<Vec<edow_engine::Definition>, ClientError> {
+        Ok(self
+            .definitions()
+            .await?
+            .into_iter()
+            .filter_map(|((name, _), source)| {
+                edow_engine::Definition::parse_with_limits(&name, &source?, &self.limits).ok()
+            })
+            .filter(|d| !d.sensitive.is_empty())
+            .collect())
+    }
+
+    fn origin_kind(&self, origin: &str) -> Origin {
+        let topics = &self.topics;
+        if origin == topics.triggers() {
+            Origin::Trigger
+        } else if origin == topics.signals() {
+            Origin::Signal
+        } else if origin == topics.results() {
+            Origin::Result
+        } else {
+            Origin::Task
+        }
+    }
+
     /// The original record of `letter` as JSON, when its origin's contract is known and it decodes.
     async fn decoded(&self, letter: &DeadLetter) -> Value {
         let Some(value) = letter.value.as_deref() else {
@@ -381,6 +412,73 @@ impl Client {
             Err(e) => json!({"kept": true, "bytes": value.len(), "decode_error": e.to_string()}),
         }
     }
+}
+
+/// Which contract a dead letter's original record has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Trigger,
+    Signal,
+    Result,
+    Task,
+}
+
+/// Masks in a decoded original record what the definitions mark sensitive, as the workflow's own displays would:
+/// a trigger's input by its definition's `input.` paths, a result's output by the `steps.<its step>.` paths and
+/// a signal's payload by the `signals.<its name>.` paths of every definition (their records do not name the
+/// workflow), and a task's whole input when its definition marks anything (a task input has no paths of its own
+/// to mark). The JSON text fields are shown parsed, so that a marked number is masked as a whole leaf.
+fn mask_original(record: &mut Value, origin: Origin, definitions: &[edow_engine::Definition]) {
+    use edow_engine::redact::{Root, Secrets, MASK};
+    let text_field = match origin {
+        Origin::Trigger | Origin::Task => "input",
+        Origin::Result => "output",
+        Origin::Signal => "payload",
+    };
+    let parsed = record
+        .get(text_field)
+        .and_then(Value::as_str)
+        .and_then(|text| serde_json::from_str::<Value>(text).ok());
+    let named = |field: &str| {
+        record
+            .get(field)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let workflow = named("workflow_name");
+    let own = || {
+        definitions
+            .iter()
+            .filter(|d| Some(&d.name) == workflow.as_ref())
+    };
+    let mut secrets = Secrets::default();
+    let Some(parsed) = parsed else {
+        return;
+    };
+    match origin {
+        Origin::Trigger => own().for_each(|d| secrets.collect(&d.sensitive, &Root::Input, &parsed)),
+        Origin::Result => {
+            let step = named("step").unwrap_or_default();
+            let step = step.rsplit('/').next().unwrap_or_default().to_string();
+            definitions
+                .iter()
+                .for_each(|d| secrets.collect(&d.sensitive, &Root::Step(step.clone()), &parsed));
+        }
+        Origin::Signal => {
+            let name = named("name").unwrap_or_default();
+            definitions
+                .iter()
+                .for_each(|d| secrets.collect(&d.sensitive, &Root::Signal(name.clone()), &parsed));
+        }
+        Origin::Task => {
+            if own().next().is_some() {
+                record[text_field] = Value::String(MASK.into());
+            }
+            return;
+        }
+    }
+    record[text_field] = parsed;
+    secrets.scrub_in_place(record);
 }
 
 fn summary(topic: &str, partition: i32, offset: i64, letter: &DeadLetter) -> Summary {

@@ -29,6 +29,7 @@ mod produce;
 mod rebalance;
 mod restore;
 pub mod schedules;
+pub mod sealing;
 mod traces;
 pub mod visibility;
 
@@ -131,6 +132,8 @@ pub struct Config {
     pub hook_secrets: Option<std::path::PathBuf>,
     /// Serve the API on a non-loopback address without tokens (something in front of it authenticates).
     pub api_allow_unauthenticated: bool,
+    /// Keys to encrypt workflow data at rest with (see [`sealing`]); `None`: written plain.
+    pub keys: Option<Arc<edow_auth::sealing::Keyring>>,
 }
 
 impl Config {
@@ -159,6 +162,7 @@ impl Config {
             api_tokens: None,
             hook_secrets: None,
             api_allow_unauthenticated: false,
+            keys: None,
         }
     }
 }
@@ -209,20 +213,19 @@ fn serve_api(
 ) -> anyhow::Result<api::Api> {
     let auth = api::auth::Auth::new(config.api_tokens.as_deref(), config.hook_secrets.as_deref())?;
     let visibility = visibility::Visibility::open(config.visibility_path.as_deref())?;
-    let (index, kafka, codec, topics) = (
-        visibility.clone(),
-        config.kafka.clone(),
-        client.codec.clone(),
-        config.topics.clone(),
-    );
+    let index = visibility.clone();
+    let source = visibility::Source {
+        kafka: config.kafka.clone(),
+        codec: client.codec.clone(),
+        keys: config.keys.clone(),
+        topics: config.topics.clone(),
+    };
     let (partitions, retention) = (config.partitions, config.visibility_retention);
     // An error (a full disk, a broker gone for long) stops one run; the next resumes from the stored positions.
     keep_running("the visibility index", move || {
         visibility::feed(
             index.clone(),
-            kafka.clone(),
-            codec.clone(),
-            topics.clone(),
+            source.clone(),
             partitions,
             retention,
             stopped(stop.clone()),
@@ -329,6 +332,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         topics: config.topics.clone(),
         limits: config.limits.clone(),
         replication_factor: config.replication_factor,
+        keys: config.keys.clone(),
     };
     let schedule_table = schedules::Table::default();
     let (owned_partitions, owned) = tokio::sync::watch::channel(BTreeSet::new());

@@ -62,6 +62,8 @@ struct Args {
     /// Serve the API on a non-loopback address without tokens, because something in front of it authenticates.
     #[arg(long, env = "EDOW_API_ALLOW_UNAUTHENTICATED")]
     api_allow_unauthenticated: bool,
+    #[command(flatten)]
+    encryption: edow_orchestrator::sealing::EncryptionArgs,
 }
 
 #[tokio::main]
@@ -99,5 +101,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.api_tokens = args.api_tokens;
     config.hook_secrets = args.hook_secrets;
     config.api_allow_unauthenticated = args.api_allow_unauthenticated;
+    config.keys = args.encryption.keyring()?;
     edow_orchestrator::run(config, edow_kafka::process::shutdown_signal()).await
 }

@@ -27,6 +27,7 @@ use crate::observe::Observation;
 use crate::partition::{
     EarlySignal, Marker, Packed, EPOCH_HEADER, MARKER_KEY, OUTBOX_HEADER, TIMER_HEADER,
 };
+use crate::sealing;
 use crate::traces::{self, Made};
 use crate::{Orchestrator, DEPTH_ATTRIBUTE, PARENT_ATTRIBUTE};
 use edow_telemetry::trace::TraceContext;
@@ -285,8 +286,10 @@ impl Orchestrator {
             let Some(kept) = self.partitions.get(partition).and_then(|s| s.early.get(id)) else {
                 continue;
             };
+            let mut record = kept.to_record(id, now);
+            sealing::seal_state(self.config.keys.as_deref(), &mut record)?;
             records.push(Outgoing {
-                payload: Some(self.codec.encode(&topic, &kept.to_record(id, now)).await?),
+                payload: Some(self.codec.encode(&topic, &record).await?),
                 topic: topic.clone(),
                 partition: Some(*partition),
                 key: id.as_bytes().to_vec(),
@@ -453,14 +456,23 @@ impl Orchestrator {
         };
         let topics = self.config.topics.clone();
         let record = persisted.to_record();
-        let value = self.codec.encode(&topics.state(), &record).await?;
+        let keys = self.config.keys.as_deref();
+        let value = match keys {
+            None => self.codec.encode(&topics.state(), &record).await?,
+            Some(_) => {
+                let mut sealed = record.clone();
+                sealing::seal_state(keys, &mut sealed)?;
+                self.codec.encode(&topics.state(), &sealed).await?
+            }
+        };
         let mut headers = vec![
             (EPOCH_HEADER, self.epoch_of(partition)),
             (TIMER_HEADER, persisted.timer_header()),
         ];
         if let Some(outbox) = persisted.outbox_header() {
-            headers.push((OUTBOX_HEADER, outbox));
+            headers.push((OUTBOX_HEADER, sealing::seal_outbox(keys, id, outbox)?));
         }
+        // Memory holds the plain text: only what is written is at rest.
         let packed = if persisted.instance.is_terminal() {
             None
         } else {
@@ -567,7 +579,12 @@ impl Orchestrator {
                     workflow_id: child_id.clone(),
                     workflow_name: name.clone(),
                     workflow_version: *version,
-                    input: input.to_string(),
+                    input: sealing::seal_text(
+                        self.config.keys.as_deref(),
+                        child_id,
+                        "input",
+                        input.to_string(),
+                    )?,
                     idempotency_key: None,
                     correlation_id: instance.correlation_id.clone(),
                     priority: instance.priority,
@@ -606,7 +623,15 @@ impl Orchestrator {
                 outcome,
             } => {
                 let (status, output, error) = match outcome {
-                    Outcome::Completed(v) => (TaskStatus::Completed, Some(v.to_string()), None),
+                    Outcome::Completed(v) => {
+                        let output = sealing::seal_text(
+                            self.config.keys.as_deref(),
+                            &format!("{parent_id}/{task_id}"),
+                            "output",
+                            v.to_string(),
+                        )?;
+                        (TaskStatus::Completed, Some(output), None)
+                    }
                     Outcome::Failed(f) => {
                         let error = TaskError {
                             code: f.code.clone(),
@@ -660,7 +685,18 @@ impl Orchestrator {
             kind: lifecycle_kind(event.kind),
             step: event.step.clone(),
             attempt: event.attempt.map(|a| a as i32),
-            detail: event.detail.as_ref().map(Value::to_string),
+            detail: event
+                .detail
+                .as_ref()
+                .map(|d| {
+                    sealing::seal_text(
+                        self.config.keys.as_deref(),
+                        &event.event_id,
+                        "detail",
+                        d.to_string(),
+                    )
+                })
+                .transpose()?,
             correlation_id: instance.correlation_id.clone(),
             at: instance.updated_at,
         };

@@ -156,6 +156,7 @@ impl Orchestrator {
             producer: self.producer.clone(),
             codec: self.codec.clone(),
             topics: self.config.topics.clone(),
+            keys: self.config.keys.clone(),
         }
     }
 

@@ -29,6 +29,7 @@ use crate::partition::{
     OUTBOX_HEADER, TIMER_HEADER,
 };
 use crate::produce::marker_record;
+use crate::sealing;
 use crate::{Orchestrator, RESERVED_ID_PREFIX};
 use edow_kafka::Kafka;
 use edow_schemas::{Codec, Topics};
@@ -96,6 +97,7 @@ pub(crate) struct Clients {
     pub producer: FutureProducer,
     pub codec: Arc<Codec>,
     pub topics: Topics,
+    pub keys: Option<Arc<edow_auth::sealing::Keyring>>,
 }
 
 /// Reads and checks one partition.
@@ -105,8 +107,10 @@ pub(crate) async fn prepare(clients: Clients, partition: i32) -> anyhow::Result<
         kafka,
         codec,
         topics,
+        keys,
         ..
     } = &clients;
+    let keys = keys.as_deref();
     let read = read_changelog(kafka, codec, topics, partition).await?;
     let mut state = PartitionState::default();
     let mut changed = BTreeSet::new();
@@ -115,7 +119,7 @@ pub(crate) async fn prepare(clients: Clients, partition: i32) -> anyhow::Result<
     let mut highest_epoch = read.highest_epoch;
     for (key, mut kept) in read.latest {
         if let KeptState::Raw(payload) = &kept.state {
-            match decode_winner(codec, partition, &key, &kept, payload, give_up_at).await? {
+            match decode_winner(codec, keys, partition, &key, &kept, payload, give_up_at).await? {
                 Some(decoded) => kept.state = decoded,
                 None => continue,
             }
@@ -142,7 +146,13 @@ pub(crate) async fn prepare(clients: Clients, partition: i32) -> anyhow::Result<
                             None
                         })
                     }
-                    _ => Persisted::from_record(&record, kept.outbox.as_deref()).map(Some),
+                    _ => kept
+                        .outbox
+                        .as_deref()
+                        .map(|outbox| sealing::open_outbox(keys, &key, outbox))
+                        .transpose()
+                        .and_then(|outbox| Persisted::from_record(&record, outbox.as_deref()))
+                        .map(Some),
                 };
                 match parsed {
                     Ok(Some(persisted)) => persisted,
@@ -481,6 +491,7 @@ async fn decode_state(
 /// Decodes the winning record of `key`: a workflow, early signals, or (unreadable, or naming another key) nothing.
 async fn decode_winner(
     codec: &Codec,
+    keys: Option<&edow_auth::sealing::Keyring>,
     partition: i32,
     key: &str,
     kept: &Kept,
@@ -488,7 +499,8 @@ async fn decode_winner(
     give_up_at: Instant,
 ) -> anyhow::Result<Option<KeptState>> {
     let decoded = decode_state(codec, partition, Some(payload), give_up_at).await?;
-    let state = decoded.and_then(|r| {
+    let state = decoded.and_then(|mut r| {
+        sealing::open_state(keys, &mut r)?;
         if r.workflow_name == EARLY_NAME {
             Early::from_record(&r).map(KeptState::Early)
         } else {

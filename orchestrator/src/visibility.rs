@@ -23,7 +23,9 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
+use crate::sealing;
 use crate::RESERVED_ID_PREFIX;
+use edow_auth::sealing::Keyring;
 
 /// Most lifecycle events kept per workflow.
 pub const MAX_EVENTS_PER_WORKFLOW: i64 = 10_000;
@@ -443,11 +445,22 @@ enum Change {
     Event(String, LifecycleEvent, i64),
 }
 
+/// Where the index is fed from.
+#[derive(Clone)]
+pub struct Source {
+    pub kafka: Kafka,
+    pub codec: Arc<Codec>,
+    /// Opens records sealed at rest.
+    pub keys: Option<Arc<Keyring>>,
+    pub topics: Topics,
+}
+
 /// What one record brings to the index: a change, nothing (a record of edow's own, or one that does not decode:
 /// the orchestrator dead-letters bad inputs, and these topics hold only what it wrote), or `Err` when the
 /// registry cannot be reached now, and the record must be read again later.
 async fn change_of(
     codec: &Codec,
+    keys: Option<&Keyring>,
     state_topic: &str,
     events_topic: &str,
     msg: &impl Message,
@@ -465,7 +478,7 @@ async fn change_of(
         (true, None) => Ok(Some(Change::Removed(key))),
         (true, Some(payload)) => match codec.decode::<WorkflowState>(Some(payload)).await {
             Ok(state) if state.workflow_name.starts_with(RESERVED_ID_PREFIX) => Ok(None),
-            Ok(state) => Ok(Some(Change::State(row_of(state)))),
+            Ok(state) => Ok(Some(Change::State(row_of(state, keys)))),
             Err(e) if e.is_transient() => Err(e.to_string()),
             Err(e) => {
                 tracing::debug!(offset, "skipping a state record: {e}");
@@ -474,7 +487,15 @@ async fn change_of(
         },
         (false, Some(payload)) if msg.topic() == events_topic => {
             match codec.decode::<LifecycleEvent>(Some(payload)).await {
-                Ok(event) => Ok(Some(Change::Event(key, event, offset))),
+                Ok(mut event) => {
+                    if let Some(detail) = event.detail.take() {
+                        let opened = sealing::open_text(keys, &event.event_id, "detail", detail);
+                        event.detail = Some(opened.unwrap_or_else(|e| {
+                            serde_json::Value::String(format!("[unreadable: {e}]")).to_string()
+                        }));
+                    }
+                    Ok(Some(Change::Event(key, event, offset)))
+                }
                 Err(e) if e.is_transient() => Err(e.to_string()),
                 Err(e) => {
                     tracing::debug!(offset, "skipping an event record: {e}");
@@ -510,13 +531,17 @@ fn watermarks_now(
 /// end; then readiness waits for a quiet moment of every partition).
 pub async fn feed(
     index: Visibility,
-    kafka: Kafka,
-    codec: Arc<Codec>,
-    topics: Topics,
+    source: Source,
     partitions: i32,
     retention: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let Source {
+        kafka,
+        codec,
+        keys,
+        topics,
+    } = source;
     let consumer: StreamConsumer = kafka
         .trailing_reader_config(Duration::from_millis(200))
         .set("enable.partition.eof", "false")
@@ -592,7 +617,7 @@ pub async fn feed(
         let mut positions: HashMap<(String, i32), i64> = Default::default();
         for msg in &messages {
             positions.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
-            match change_of(&codec, &state_topic, &events_topic, msg).await {
+            match change_of(&codec, keys.as_deref(), &state_topic, &events_topic, msg).await {
                 Ok(Some(change)) => changes.push(change),
                 Ok(None) => {}
                 Err(e) => {
@@ -645,6 +670,7 @@ pub async fn feed(
 pub async fn snapshot(
     kafka: &Kafka,
     codec: &Codec,
+    keys: Option<&Keyring>,
     topics: &Topics,
     partitions: &[i32],
     events: bool,
@@ -665,7 +691,7 @@ pub async fn snapshot(
                     if only.is_some_and(|id| msg.key() != Some(id.as_bytes())) {
                         continue;
                     }
-                    match change_of(codec, &state_topic, &events_topic, &msg).await {
+                    match change_of(codec, keys, &state_topic, &events_topic, &msg).await {
                         Ok(Some(change)) => changes.push(change),
                         Ok(None) => {}
                         Err(e) => anyhow::bail!("reading {topic}: the schema registry: {e}"),
@@ -680,39 +706,55 @@ pub async fn snapshot(
     Ok(index)
 }
 
-/// The index's row of a state record.
-fn row_of(state: WorkflowState) -> WorkflowRow {
+/// The index's row of a state record, opened with `keys` when it is sealed, and with what the definition marks
+/// sensitive masked: the index shows what the API and the CLI show, and holds nothing more.
+fn row_of(mut state: WorkflowState, keys: Option<&Keyring>) -> WorkflowRow {
     let json =
         |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::String(text.into()));
-    let running_steps = if matches!(
+    if let Err(e) = sealing::open_state(keys, &mut state) {
+        let unreadable = serde_json::Value::String(format!("[unreadable: {e}]"));
+        state.input = unreadable.to_string();
+        state.output = state.output.map(|_| unreadable.to_string());
+        state.error = state.error.map(|_| format!("[unreadable: {e}]"));
+        state.engine_state = String::new();
+    }
+    let running = matches!(
         state.status,
         edow_schemas::contracts::WorkflowStatus::Running
             | edow_schemas::contracts::WorkflowStatus::Compensating
-    ) {
-        serde_json::from_str::<serde_json::Value>(&state.engine_state)
-            .ok()
-            .and_then(|engine| {
-                serde_json::from_value::<edow_engine::Instance>(engine["instance"].clone()).ok()
-            })
-            .map(|instance| {
-                instance
-                    .running_steps()
-                    .into_iter()
-                    .map(|(step, doing)| RunningStep { step, doing })
-                    .collect()
-            })
-            .unwrap_or_default()
-    } else {
-        Vec::new()
+    );
+    // Parsed for what runs, and for the values to mask (the engine keeps them under `secrets`).
+    let instance = (running || state.engine_state.contains("\"secrets\""))
+        .then(|| {
+            serde_json::from_str::<serde_json::Value>(&state.engine_state)
+                .ok()
+                .and_then(|mut engine| {
+                    serde_json::from_value::<edow_engine::Instance>(engine["instance"].take()).ok()
+                })
+        })
+        .flatten();
+    let running_steps = match (&instance, running) {
+        (Some(instance), true) => instance
+            .running_steps()
+            .into_iter()
+            .map(|(step, doing)| RunningStep { step, doing })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let shown = |value: serde_json::Value| match &instance {
+        Some(instance) => instance.redact(&value),
+        None => value,
     };
     WorkflowRow {
         id: state.workflow_id,
         name: state.workflow_name,
         version: state.workflow_version,
         status: format!("{:?}", state.status),
-        input: json(&state.input),
-        output: state.output.as_deref().map(json),
-        error: state.error,
+        input: shown(json(&state.input)),
+        output: state.output.as_deref().map(|o| shown(json(o))),
+        error: state
+            .error
+            .map(|e| instance.as_ref().map_or(e.clone(), |i| i.redact_text(&e))),
         correlation_id: state.correlation_id,
         created_at: state.created_at,
         updated_at: state.updated_at,
