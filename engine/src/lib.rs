@@ -1,6 +1,6 @@
-//! edow's workflow engine: definitions ([`definition`]), conditions and data mapping ([`expr`]), and the state
-//! machine that runs them ([`machine`]), and the masking of what a definition marks sensitive ([`redact`]). No Kafka, clock or network in here: drivers feed inputs and carry out the
-//! commands.
+//! edow's workflow engine: definitions ([`definition`]), conditions and data mapping ([`expr`]), the state
+//! machine that runs them ([`machine`]), and the masking of what a definition marks sensitive ([`redact`]).
+//! No Kafka, clock or network in here: drivers feed inputs and carry out the commands.
 
 pub mod definition;
 pub mod expr;

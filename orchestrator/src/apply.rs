@@ -179,7 +179,9 @@ impl Orchestrator {
                 Reason::new(
                     "unreadable_state",
                     format!(
-                        "{what} is for workflow {workflow_id}, whose stored state this orchestrator cannot read                          ({e}); the workflow is kept as it is: run an orchestrator that reads it, then replay                          this record"
+                        "{what} is for workflow {workflow_id}, whose stored state this orchestrator cannot read \
+                         ({e}); the workflow is kept as it is: run an orchestrator that reads it, then replay \
+                         this record"
                     ),
                 )
             })?
