@@ -65,6 +65,9 @@ struct Cli {
     kafka_settings: edow_kafka::settings::KafkaArgs,
     #[command(flatten)]
     encryption: edow_orchestrator::sealing::EncryptionArgs,
+    /// Inputs and signal payloads over the threshold go to this blob store (the orchestrator's and workers').
+    #[command(flatten)]
+    blobs: edow_blobs::args::BlobArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -93,7 +96,7 @@ enum Command {
     Start {
         /// Name of a deployed workflow.
         name: String,
-        /// Input, a JSON document.
+        /// Input, a JSON document; @FILE reads it from a file, - from stdin (large inputs go to the blob store).
         #[arg(long, default_value = "{}")]
         input: String,
         /// Instance id; starting an id that exists starts nothing. Default: a new id.
@@ -115,7 +118,7 @@ enum Command {
     Signal {
         id: String,
         name: String,
-        /// Payload, a JSON document; the wait step's output.
+        /// Payload, a JSON document (@FILE: from a file, -: from stdin); the wait step's output.
         #[arg(long, default_value = "null")]
         payload: String,
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -249,6 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         limits: edow_engine::Limits::default(),
         replication_factor: cli.replication_factor,
         keys: cli.encryption.keyring()?,
+        blobs: cli.blobs.open()?,
     };
     match cli.command {
         Command::Schemas { action } => schemas(&codec, &cli.registry, &topics, action).await,
@@ -288,7 +292,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 version,
                 id,
-                input,
+                input: json_argument("--input", input)?,
                 correlation_id,
                 trace: Some(trace.clone()),
                 ..StartRequest::default()
@@ -329,7 +333,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => {
             let signal_id = client
-                .signal(&id, SignalKind::Signal, Some(name), &payload, None)
+                .signal(
+                    &id,
+                    SignalKind::Signal,
+                    Some(name),
+                    &json_argument("--payload", payload)?,
+                    None,
+                )
                 .await?;
             print_signal_id(&signal_id, output)
         }
@@ -406,6 +416,24 @@ fn new_token(role: &str, name: &str, output: Output) -> anyhow::Result<()> {
             "add the line to the orchestrator's --api-tokens file; the token is shown only now"
         );
     })
+}
+
+/// A JSON argument as given, or read from the file it names with `@FILE`, or from stdin for `-` (curl's
+/// convention): inputs too large for a command line.
+fn json_argument(flag: &str, value: String) -> anyhow::Result<String> {
+    use std::io::Read;
+    if value == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .with_context(|| format!("{flag} -: cannot read stdin as UTF-8 text"))?;
+        return Ok(text);
+    }
+    match value.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("{flag} @{path}: cannot read the file as UTF-8 text")),
+        None => Ok(value),
+    }
 }
 
 fn print_signal_id(signal_id: &str, output: Output) -> anyhow::Result<()> {

@@ -61,6 +61,9 @@ pub struct Client {
     pub replication_factor: i32,
     /// Opens workflow data sealed at rest (see [`crate::sealing`]).
     pub keys: Option<std::sync::Arc<edow_auth::sealing::Keyring>>,
+    /// Where inputs and signal payloads over its threshold are stored by reference; `None`: the limits refuse
+    /// them.
+    pub blobs: Option<edow_blobs::Blobs>,
 }
 
 /// A workflow to start.
@@ -110,24 +113,20 @@ impl Client {
         if let Some(key) = &request.idempotency_key {
             check_text("idempotency_key", key)?;
         }
-        self.limits
-            .check_json("input", &request.input)
-            .map_err(|r| ClientError::invalid("input", r.message))?;
-        serde_json::from_str::<serde_json::Value>(&request.input)
-            .map_err(|e| ClientError::invalid("input", format!("not a JSON document: {e}")))?;
         let id = match (&request.id, &request.idempotency_key) {
             (Some(id), _) => id.clone(),
             (None, Some(key)) => format!("{}-{:016x}", request.name, stable_hash(key)),
             (None, None) => new_id(&request.name),
         };
         check_workflow_id("id", &id)?;
+        let input = self.payload("input", &id, request.input).await?;
         let trace = request.trace.unwrap_or_else(TraceContext::new_root);
         let topic = self.topics.triggers();
         let trigger = WorkflowTrigger {
             workflow_id: id.clone(),
             workflow_name: request.name,
             workflow_version: request.version,
-            input: request.input,
+            input,
             idempotency_key: request.idempotency_key,
             correlation_id: request.correlation_id,
             priority: 0,
@@ -162,18 +161,14 @@ impl Client {
         if let Some(name) = &name {
             check_text("name", name)?;
         }
-        self.limits
-            .check_json("payload", payload)
-            .map_err(|r| ClientError::invalid("payload", r.message))?;
-        serde_json::from_str::<serde_json::Value>(payload)
-            .map_err(|e| ClientError::invalid("payload", format!("not a JSON document: {e}")))?;
+        let payload = self.payload("payload", id, payload.to_string()).await?;
         let topic = self.topics.signals();
         let signal = WorkflowSignal {
             signal_id: format!("{id}/{}", new_id("signal")),
             workflow_id: id.to_string(),
             kind,
             name,
-            payload: payload.to_string(),
+            payload,
             correlation_id: None,
             sent_at: now_millis(),
         };
@@ -187,6 +182,52 @@ impl Client {
         };
         produce_all(&self.producer, &[record]).await?;
         Ok(signal.signal_id)
+    }
+
+    /// `text` (JSON) as a record may carry it for workflow `owner`: within the limits, with what is over the
+    /// blob threshold stored by reference when there is a blob store.
+    async fn payload(&self, field: &str, owner: &str, text: String) -> Result<String, ClientError> {
+        let blobs = self.blobs.as_ref().filter(|b| text.len() > b.threshold());
+        let Some(blobs) = blobs else {
+            self.limits
+                .check_json(field, &text)
+                .map_err(|r| ClientError::invalid(field, r.message))?;
+            serde_json::from_str::<serde_json::Value>(&text)
+                .map_err(|e| ClientError::invalid(field, format!("not a JSON document: {e}")))?;
+            return Ok(text);
+        };
+        if text.len() > blobs.max_bytes() {
+            return Err(ClientError::invalid(
+                field,
+                format!(
+                    "{} bytes, over the blob store's limit of {} bytes (--blob-max-bytes)",
+                    text.len(),
+                    blobs.max_bytes()
+                ),
+            ));
+        }
+        // Depth first: parsing a hostile nesting is what the depth limit prevents.
+        let depth = edow_engine::limits::json_depth(&text);
+        if depth > self.limits.max_json_depth {
+            return Err(ClientError::invalid(
+                field,
+                format!(
+                    "nests arrays/objects {depth} deep; the limit is {} (max_json_depth)",
+                    self.limits.max_json_depth
+                ),
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ClientError::invalid(field, format!("not a JSON document: {e}")))?;
+        let stored = blobs.offload(owner, value).await.map_err(|e| match e {
+            edow_blobs::BlobError::Invalid(message) => ClientError::invalid(field, message),
+            unavailable => ClientError::Unavailable(unavailable.into()),
+        })?;
+        let text = stored.to_string();
+        self.limits
+            .check_json(field, &text)
+            .map_err(|r| ClientError::invalid(field, r.message))?;
+        Ok(text)
     }
 
     /// Validates `source` (YAML, or JSON when `label` ends in `.json`) and publishes it as the next version of its

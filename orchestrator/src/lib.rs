@@ -17,6 +17,7 @@
 
 pub mod api;
 mod apply;
+mod blob_purge;
 pub mod client;
 mod consume;
 mod decode;
@@ -134,6 +135,9 @@ pub struct Config {
     pub api_allow_unauthenticated: bool,
     /// Keys to encrypt workflow data at rest with (see [`sealing`]); `None`: written plain.
     pub keys: Option<Arc<edow_auth::sealing::Keyring>>,
+    /// Where values passed by reference are stored: the API stores large inputs and signal payloads there, and
+    /// a purged workflow's are deleted. `None`: no blob store.
+    pub blobs: Option<edow_blobs::Blobs>,
 }
 
 impl Config {
@@ -163,6 +167,7 @@ impl Config {
             hook_secrets: None,
             api_allow_unauthenticated: false,
             keys: None,
+            blobs: None,
         }
     }
 }
@@ -202,6 +207,8 @@ struct Orchestrator {
     markers_due: HashMap<i32, i64>,
     /// Batches rewound because the registry stayed unreachable past `registry_stall_bound`, since start.
     registry_stalls: u64,
+    /// Where purged workflows' ids go to have their blobs deleted, with a blob store.
+    blob_purges: Option<blob_purge::BlobPurges>,
 }
 
 /// The API's shared parts, with the visibility index opened and its feeder started (until `stop` changes).
@@ -333,6 +340,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         limits: config.limits.clone(),
         replication_factor: config.replication_factor,
         keys: config.keys.clone(),
+        blobs: config.blobs.clone(),
     };
     let schedule_table = schedules::Table::default();
     let (owned_partitions, owned) = tokio::sync::watch::channel(BTreeSet::new());
@@ -386,7 +394,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         last_marker: HashMap::new(),
         markers_due: HashMap::new(),
         registry_stalls: 0,
+        blob_purges: None,
     };
+    orchestrator.blob_purges = orchestrator
+        .config
+        .blobs
+        .clone()
+        .map(blob_purge::BlobPurges::start);
     tokio::pin!(shutdown);
     let mut last_trim = Instant::now();
     loop {

@@ -64,6 +64,8 @@ struct Args {
     api_allow_unauthenticated: bool,
     #[command(flatten)]
     encryption: edow_orchestrator::sealing::EncryptionArgs,
+    #[command(flatten)]
+    blobs: edow_blobs::args::BlobArgs,
 }
 
 #[tokio::main]
@@ -92,6 +94,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_map_items: args.max_map_items,
         ..Limits::default()
     };
+    config.blobs = args.blobs.open()?;
     config.ended_retention = args.ended_retention;
     config.max_ended_per_partition = args.max_ended_per_partition;
     config.max_record_bytes = args.max_record_bytes;

@@ -176,6 +176,9 @@ impl Orchestrator {
             records = changelog.len(),
             "changelog written"
         );
+        if let Some(blob_purges) = &self.blob_purges {
+            purged.iter().for_each(|(_, id)| blob_purges.purged(id));
+        }
         // Every outbox written so far is produced once these outputs are: a marker records that (see
         // `write_markers`), so that a restore checks only what comes after.
         let mut done_below: HashMap<i32, i64> = HashMap::new();

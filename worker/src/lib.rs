@@ -61,6 +61,9 @@ pub struct Config {
     pub partitions: i32,
     pub task_partitions: i32,
     pub replication_factor: i32,
+    /// Where values passed by reference are (see `edow_blobs`): inputs are resolved before a handler sees them,
+    /// outputs over its threshold are stored. `None`: references are handed to handlers as they are.
+    pub blobs: Option<edow_blobs::Blobs>,
 }
 
 /// Bounds on what a task brings in and what the worker keeps.
@@ -179,6 +182,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         task_timeout: config.task_timeout,
         max_input_bytes: config.limits.max_input_bytes,
         max_output_bytes: config.limits.max_output_bytes,
+        blobs: config.blobs,
     });
     consume::run(
         consumer,

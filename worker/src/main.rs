@@ -22,6 +22,8 @@ struct Args {
     cluster: ClusterArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    blobs: edow_blobs::args::BlobArgs,
     /// Consumer group of the workers.
     #[arg(long, env = "EDOW_WORKER_GROUP", default_value = "edow-workers")]
     group: String,
@@ -69,9 +71,14 @@ async fn main() {
 async fn run(args: Args) -> anyhow::Result<()> {
     edow_kafka::process::init_logging(args.log.log_format);
     let _spans = edow_telemetry::trace::init_export("edow-worker")?;
+    let blobs = args.blobs.open()?;
     let limits = edow_worker::handlers::HandlerLimits {
         timeout: args.task_timeout,
-        max_output_bytes: args.max_output_bytes,
+        // With a blob store, what a handler returns may be up to its limit: the part over the threshold is
+        // stored, and the result must still fit --max-output-bytes.
+        max_output_bytes: blobs.as_ref().map_or(args.max_output_bytes, |b| {
+            b.max_bytes().max(args.max_output_bytes)
+        }),
     };
     let mut headers: HashMap<String, Vec<edow_worker::handlers::SecretHeader>> = HashMap::new();
     for spec in &args.http_headers {
@@ -126,6 +133,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         partitions: args.cluster.partitions,
         task_partitions: args.cluster.task_partitions,
         replication_factor: args.cluster.replication_factor,
+        blobs,
     };
     edow_worker::run(config, edow_kafka::process::shutdown_signal()).await
 }

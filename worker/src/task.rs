@@ -38,6 +38,7 @@ pub struct TaskContext {
     pub task_timeout: Duration,
     pub max_input_bytes: usize,
     pub max_output_bytes: usize,
+    pub blobs: Option<edow_blobs::Blobs>,
     pub publisher: Publisher,
     pub answered: Arc<Answered>,
     pub shutdown: Shutdown,
@@ -253,18 +254,29 @@ pub async fn run(
             poison = Some(Reason::new(e.code.clone(), e.message.clone()));
             Err(e)
         }
-        (Some(handler), Ok(input)) => {
-            let task = Task {
-                task_id: request.task_id.clone(),
-                workflow_id: request.workflow_id.clone(),
-                step: request.step.clone(),
-                task_type: request.task_type.clone(),
-                attempt: request.attempt.max(1) as u32,
-                input,
-                trace: trace.cloned(),
-            };
-            run_handler(handler.clone(), task, ctx.task_timeout).await
-        }
+        (Some(handler), Ok(input)) => match resolve_input(ctx, request, input).await {
+            Err(e) => {
+                if !e.retryable {
+                    poison = Some(Reason::new(e.code.clone(), e.message.clone()));
+                }
+                Err(e)
+            }
+            Ok(input) => {
+                let task = Task {
+                    task_id: request.task_id.clone(),
+                    workflow_id: request.workflow_id.clone(),
+                    step: request.step.clone(),
+                    task_type: request.task_type.clone(),
+                    attempt: request.attempt.max(1) as u32,
+                    input,
+                    trace: trace.cloned(),
+                };
+                match run_handler(handler.clone(), task, ctx.task_timeout).await {
+                    Ok(output) => store_output(ctx, request, output).await,
+                    failed => failed,
+                }
+            }
+        },
     };
     let (status, output, error) = match outcome
         .and_then(|v| encode_output(&v, ctx.max_output_bytes))
@@ -294,6 +306,72 @@ pub async fn run(
     };
     count_run(request, &result);
     (result, poison)
+}
+
+/// The task's input with the values it holds by reference read from the blob store, so handlers see plain JSON.
+async fn resolve_input(
+    ctx: &TaskContext,
+    request: &TaskRequested,
+    input: Value,
+) -> Result<Value, HandlerError> {
+    let Some(blobs) = &ctx.blobs else {
+        return Ok(input);
+    };
+    if !edow_blobs::Blobs::refers(&input) {
+        return Ok(input);
+    }
+    match tokio::time::timeout(ctx.task_timeout, blobs.resolve(&request.workflow_id, input)).await {
+        Ok(Ok(input)) => Ok(input),
+        Ok(Err(e)) => Err(blob_failure(e, "reading the input's blobs")),
+        Err(_) => Err(HandlerError::retryable(
+            "blob_unavailable",
+            format!(
+                "reading the input's blobs from {} took over the task timeout",
+                blobs.location()
+            ),
+        )),
+    }
+}
+
+/// The handler's output with what makes it longer than the blob threshold stored by reference.
+async fn store_output(
+    ctx: &TaskContext,
+    request: &TaskRequested,
+    output: Value,
+) -> Result<Value, HandlerError> {
+    let Some(blobs) = &ctx.blobs else {
+        return Ok(output);
+    };
+    match tokio::time::timeout(
+        ctx.task_timeout,
+        blobs.offload(&request.workflow_id, output),
+    )
+    .await
+    {
+        Ok(Ok(output)) => Ok(output),
+        Ok(Err(edow_blobs::BlobError::Invalid(message))) => {
+            Err(HandlerError::permanent("output_too_large", message))
+        }
+        Ok(Err(e)) => Err(blob_failure(e, "storing the output")),
+        Err(_) => Err(HandlerError::retryable(
+            "blob_unavailable",
+            format!(
+                "storing the output in {} took over the task timeout",
+                blobs.location()
+            ),
+        )),
+    }
+}
+
+fn blob_failure(error: edow_blobs::BlobError, doing: &str) -> HandlerError {
+    match error {
+        edow_blobs::BlobError::Invalid(message) => {
+            HandlerError::permanent("blob_invalid", format!("{doing}: {message}"))
+        }
+        unavailable => {
+            HandlerError::retryable("blob_unavailable", format!("{doing}: {unavailable}"))
+        }
+    }
 }
 
 /// Adds one handler run to the task metrics.

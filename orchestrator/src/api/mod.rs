@@ -36,7 +36,12 @@ pub struct Api {
 /// The `/v1` routes.
 pub fn routes(api: Api) -> Router {
     // Payloads are bounded by the engine's limits; a body past twice that (JSON escapes) is refused unread.
-    let body_limit = api.client.limits.max_payload_bytes * 2 + 64 * 1024;
+    // With a blob store, payloads may be up to its limit before they are stored.
+    let payload_limit = match &api.client.blobs {
+        Some(blobs) => blobs.max_bytes().max(api.client.limits.max_payload_bytes),
+        None => api.client.limits.max_payload_bytes,
+    };
+    let body_limit = payload_limit * 2 + 64 * 1024;
     Router::new()
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/workflows", post(workflows::start).get(workflows::list))
