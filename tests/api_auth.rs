@@ -405,3 +405,189 @@ async fn an_unauthenticated_api_is_refused_beyond_loopback() {
     let log = log_after_exit(&mut orchestrator).await;
     assert!(log.contains("line 1") && log.contains("SHA-256"), "{log}");
 }
+
+/// A client presenting `identity` (a certificate and its key), trusting `ca`.
+fn tls_client(
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap());
+    if let Some((cert, key)) = identity {
+        let identity = reqwest::Identity::from_pkcs8_pem(
+            &std::fs::read(cert).unwrap(),
+            &std::fs::read(key).unwrap(),
+        )
+        .unwrap();
+        builder = builder.identity(identity);
+    }
+    builder.build().unwrap()
+}
+
+async fn call_tls(
+    client: &reqwest::Client,
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let request = match method {
+        "GET" => client.get(url),
+        "POST" => client.post(url),
+        other => panic!("{other}"),
+    };
+    let request = match body {
+        Some(body) if body.starts_with('{') => request
+            .header("content-type", "application/json")
+            .body(body.to_string()),
+        Some(body) => request
+            .header("content-type", "application/yaml")
+            .body(body.to_string()),
+        None => request,
+    };
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// mTLS: the listener serves https and takes only clients whose certificate its client CA signed, on a
+/// non-loopback address without tokens (the certificates authenticate); a certificate's `O=` is its role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_authenticate_by_their_role() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = edow_testkit::TestCa::new(dir.path(), "edow");
+    let (server_cert, server_key) = ca.issue("server", "/CN=orchestrator");
+    let (dash, dash_key) = ca.issue("dash", "/CN=dash/O=viewer");
+    let (ops, ops_key) = ca.issue("ops", "/CN=ops/O=Acme/O=operator");
+    let (deployer, deployer_key) = ca.issue("deployer", "/CN=deployer/O=admin");
+    let (stranger, stranger_key) = ca.issue("stranger", "/CN=stranger/O=Acme");
+    let rogue = edow_testkit::TestCa::new(dir.path(), "rogue");
+    let (mallory, mallory_key) = rogue.issue("mallory", "/CN=mallory/O=admin");
+
+    let port = free_port();
+    let _orchestrator = cluster.orchestrator_with(&[
+        "--http-addr",
+        &format!("0.0.0.0:{port}"),
+        "--http-tls-cert",
+        server_cert.to_str().unwrap(),
+        "--http-tls-key",
+        server_key.to_str().unwrap(),
+        "--http-tls-client-ca",
+        ca.cert.to_str().unwrap(),
+    ]);
+    cluster.wait_for_topics();
+    let _worker = cluster.worker("locked", &["locked.echo=echo"], 4);
+    let base = format!("https://127.0.0.1:{port}");
+    let as_who =
+        |cert: &std::path::Path, key: &std::path::Path| tls_client(&ca.cert, Some((cert, key)));
+    let (viewer, operator, admin, nobody) = (
+        as_who(&dash, &dash_key),
+        as_who(&ops, &ops_key),
+        as_who(&deployer, &deployer_key),
+        as_who(&stranger, &stranger_key),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = viewer.get(format!("{base}/readyz")).send().await {
+            if response.status() == 200 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the https listener never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // No certificate, one of another CA, or plain http: no connection at all, not even to the probes.
+    for (what, client) in [
+        ("no certificate", tls_client(&ca.cert, None)),
+        (
+            "another CA's certificate",
+            tls_client(&ca.cert, Some((&mallory, &mallory_key))),
+        ),
+    ] {
+        let refused = client.get(format!("{base}/healthz")).send().await;
+        assert!(refused.is_err(), "{what}: {refused:?}");
+    }
+    let plain = http_client()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await;
+    assert!(
+        plain.map_or(true, |r| r.status() != 200),
+        "plain http is served"
+    );
+
+    // A verified certificate without a role is authenticated but allowed nothing.
+    let (status, body) = call_tls(&nobody, "GET", &format!("{base}/v1/workflows"), None).await;
+    assert_eq!(
+        (status, &body["error"]["field"]),
+        (403, &json!("certificate")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("CN=stranger"),
+        "{body}"
+    );
+
+    // The role matrix by certificate.
+    let definitions = format!("{base}/v1/definitions");
+    assert_eq!(
+        call_tls(&viewer, "GET", &format!("{base}/v1/workflows"), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call_tls(&operator, "POST", &definitions, Some(QUICK))
+            .await
+            .0,
+        403
+    );
+    let (status, body) = call_tls(&admin, "POST", &definitions, Some(QUICK)).await;
+    assert_eq!(status, 201, "{body}");
+    let start = r#"{"name": "locked-quick", "id": "mtls-1"}"#;
+    let workflows = format!("{base}/v1/workflows");
+    assert_eq!(
+        call_tls(&viewer, "POST", &workflows, Some(start)).await.0,
+        403
+    );
+    let (status, body) = call_tls(&operator, "POST", &workflows, Some(start)).await;
+    assert_eq!(status, 202, "{body}");
+    // A hook without a secret takes an operator's certificate.
+    let hook = format!("{base}/v1/hooks/locked-quick");
+    assert_eq!(
+        call_tls(&viewer, "POST", &hook, Some(r#"{"n": 1}"#))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call_tls(&operator, "POST", &hook, Some(r#"{"n": 1}"#))
+            .await
+            .0,
+        202
+    );
+
+    // What the operator started runs to the end, read back over the same listener.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = call_tls(&viewer, "GET", &format!("{workflows}/mtls-1"), None).await;
+        if status == 200 && body["status"] == "Completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mtls-1 did not complete: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

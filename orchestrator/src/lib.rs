@@ -133,6 +133,8 @@ pub struct Config {
     pub hook_secrets: Option<std::path::PathBuf>,
     /// Serve the API on a non-loopback address without tokens (something in front of it authenticates).
     pub api_allow_unauthenticated: bool,
+    /// Serve the listener with TLS, and with client certificates (mTLS) when it names a client CA.
+    pub http_tls: Option<edow_telemetry::http::TlsFiles>,
     /// Keys to encrypt workflow data at rest with (see [`sealing`]); `None`: written plain.
     pub keys: Option<Arc<edow_auth::sealing::Keyring>>,
     /// Where values passed by reference are stored: the API stores large inputs and signal payloads there, and
@@ -166,6 +168,7 @@ impl Config {
             api_tokens: None,
             hook_secrets: None,
             api_allow_unauthenticated: false,
+            http_tls: None,
             keys: None,
             blobs: None,
         }
@@ -218,7 +221,15 @@ fn serve_api(
     schedules: &schedules::Table,
     stop: tokio::sync::watch::Receiver<()>,
 ) -> anyhow::Result<api::Api> {
-    let auth = api::auth::Auth::new(config.api_tokens.as_deref(), config.hook_secrets.as_deref())?;
+    let client_certificates = config
+        .http_tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca.is_some());
+    let auth = api::auth::Auth::new(
+        config.api_tokens.as_deref(),
+        config.hook_secrets.as_deref(),
+        client_certificates,
+    )?;
     let visibility = visibility::Visibility::open(config.visibility_path.as_deref())?;
     let index = visibility.clone();
     let source = visibility::Source {
@@ -250,13 +261,21 @@ fn serve_api(
 /// Refuses to serve the API to the network without authentication, unless told that something in front of it
 /// authenticates: an open API lets anyone start, cancel and deploy.
 fn refuse_open_api(addr: std::net::SocketAddr, config: &Config) -> anyhow::Result<()> {
-    if addr.ip().is_loopback() || config.api_tokens.is_some() || config.api_allow_unauthenticated {
+    let mutual_tls = config
+        .http_tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca.is_some());
+    if addr.ip().is_loopback()
+        || config.api_tokens.is_some()
+        || mutual_tls
+        || config.api_allow_unauthenticated
+    {
         return Ok(());
     }
     anyhow::bail!(
         "refusing to serve the API on {addr} without authentication: anyone reaching it could start, cancel and \
          deploy workflows. Give --api-tokens FILE (lines `ROLE SHA256 NAME`; `edow token new --role admin` makes \
-         one), listen on 127.0.0.1, or pass --api-allow-unauthenticated when a proxy in front authenticates"
+         one), require client certificates (--http-tls-client-ca), listen on 127.0.0.1, or pass --api-allow-unauthenticated when a proxy in front authenticates"
     )
 }
 
@@ -365,7 +384,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(addr) = config.http_addr {
         let api = serve_api(&config, &client, &schedule_table, stop_listener.clone())?;
         let router = http::router(readiness.clone(), api);
-        edow_telemetry::http::serve(addr, router, "http", stopped(stop_listener.clone())).await?;
+        let stop = stopped(stop_listener.clone());
+        match &config.http_tls {
+            Some(tls) => edow_telemetry::http::serve_tls(addr, tls, router, "http", stop).await?,
+            None => edow_telemetry::http::serve(addr, router, "http", stop).await?,
+        };
     }
     let consumer: InputConsumer = config
         .kafka

@@ -59,6 +59,16 @@ struct Args {
     /// hook must be signed (X-Hub-Signature-256 or Edow-Signature).
     #[arg(long, env = "EDOW_HOOK_SECRETS_DIR")]
     hook_secrets: Option<std::path::PathBuf>,
+    /// Serve the listener with TLS: this PEM certificate chain (with --http-tls-key).
+    #[arg(long, env = "EDOW_HTTP_TLS_CERT", requires = "http_tls_key")]
+    http_tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --http-tls-cert.
+    #[arg(long, env = "EDOW_HTTP_TLS_KEY", requires = "http_tls_cert")]
+    http_tls_key: Option<std::path::PathBuf>,
+    /// Take only clients with a certificate this PEM CA signed (mTLS); a certificate's subject O=viewer,
+    /// O=operator or O=admin is its role. Needs --http-tls-cert.
+    #[arg(long, env = "EDOW_HTTP_TLS_CLIENT_CA", requires = "http_tls_cert")]
+    http_tls_client_ca: Option<std::path::PathBuf>,
     /// Serve the API on a non-loopback address without tokens, because something in front of it authenticates.
     #[arg(long, env = "EDOW_API_ALLOW_UNAUTHENTICATED")]
     api_allow_unauthenticated: bool,
@@ -104,6 +114,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.api_tokens = args.api_tokens;
     config.hook_secrets = args.hook_secrets;
     config.api_allow_unauthenticated = args.api_allow_unauthenticated;
+    config.http_tls = args
+        .http_tls_cert
+        .zip(args.http_tls_key)
+        .map(|(cert, key)| edow_telemetry::http::TlsFiles {
+            cert,
+            key,
+            client_ca: args.http_tls_client_ca,
+        });
     config.keys = args.encryption.keyring()?;
     edow_orchestrator::run(config, edow_kafka::process::shutdown_signal()).await
 }

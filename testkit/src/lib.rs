@@ -492,6 +492,100 @@ fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// A certificate authority of a test's own, issuing server and client certificates (PEM files, PKCS#8 keys)
+/// with the `openssl` command.
+pub struct TestCa {
+    dir: PathBuf,
+    pub cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TestCa {
+    /// A new CA named `name`, its files in `dir`.
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let (cert, key) = (
+            dir.join(format!("{name}-ca.pem")),
+            dir.join(format!("{name}-ca-key.pem")),
+        );
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name} test CA"),
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ]);
+        TestCa {
+            dir: dir.to_path_buf(),
+            cert,
+            key,
+        }
+    }
+
+    /// A certificate for `subject` (for example `/CN=dash/O=viewer`) signed by this CA, valid for 127.0.0.1
+    /// and localhost; returns its certificate and key files.
+    pub fn issue(&self, file_name: &str, subject: &str) -> (PathBuf, PathBuf) {
+        let (cert, key, request, extensions) = (
+            self.dir.join(format!("{file_name}.pem")),
+            self.dir.join(format!("{file_name}-key.pem")),
+            self.dir.join(format!("{file_name}.csr")),
+            self.dir.join(format!("{file_name}.ext")),
+        );
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            subject,
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            request.to_str().unwrap(),
+        ]);
+        std::fs::write(&extensions, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            request.to_str().unwrap(),
+            "-CA",
+            self.cert.to_str().unwrap(),
+            "-CAkey",
+            self.key.to_str().unwrap(),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            extensions.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ]);
+        (cert, key)
+    }
+}
+
+fn openssl(args: &[&str]) {
+    let made = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("running openssl to make a test certificate (scripts/test installs openssl)");
+    assert!(
+        made.status.success(),
+        "openssl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
 /// Starts stunnel accepting TLS on `tls_port` for the plain `port`, with a new self-signed certificate for
 /// 127.0.0.1 in `dir`.
 fn tls_terminator(dir: &Path, tls_port: u16, port: u16) -> Tls {

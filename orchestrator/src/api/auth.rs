@@ -14,6 +14,11 @@
 //! operator's token instead while authentication is on, and is refused while it is off but a secrets directory
 //! is configured, so that a lost secret file closes the hook instead of opening it.
 //!
+//! With `--http-tls-client-ca`, the listener takes only clients whose certificate that CA signed (mTLS), and a
+//! certificate is a credential of its own: its subject's organizations (`O=`, where Kubernetes puts a client's
+//! groups) name its role, its common name the caller. A request with a bearer token is judged by the token when
+//! tokens are configured, so a service holding a viewer certificate may still act with an operator's token.
+//!
 //! `/healthz`, `/readyz`, `/metrics` and `/v1/openapi.json` stay open: probes and scrapers hold no token, and none
 //! of them shows a payload (docs/security.md).
 
@@ -21,11 +26,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use edow_auth::CredentialFile;
+use edow_telemetry::http::{ClientCertificate, TlsPeer};
 
 use super::ApiError;
 
@@ -73,12 +79,24 @@ const SIGNATURE_TOLERANCE: Duration = Duration::from_secs(300);
 pub struct Auth {
     tokens: Option<Arc<CredentialFile<Role>>>,
     hook_secrets: Option<PathBuf>,
+    /// The listener verifies client certificates, so each connection's certificate is a credential.
+    client_certificates: bool,
 }
 
+/// The verified client certificate of a request's connection, if any: put in every request's extensions by
+/// [`authenticate`], for the handlers that authenticate themselves (hooks).
+#[derive(Debug, Clone, Default)]
+pub struct PeerCertificate(pub Option<ClientCertificate>);
+
 impl Auth {
-    /// Authentication by the tokens of `tokens` (none: every request is let through, for a loopback listener or
-    /// one behind a proxy that authenticates), and hook signatures by the secrets in `hook_secrets`.
-    pub fn new(tokens: Option<&Path>, hook_secrets: Option<&Path>) -> anyhow::Result<Auth> {
+    /// Authentication by the tokens of `tokens` and, with `client_certificates`, by the roles in verified
+    /// client certificates (neither: every request is let through, for a loopback listener or one behind a proxy
+    /// that authenticates), and hook signatures by the secrets in `hook_secrets`.
+    pub fn new(
+        tokens: Option<&Path>,
+        hook_secrets: Option<&Path>,
+        client_certificates: bool,
+    ) -> anyhow::Result<Auth> {
         let tokens = match tokens {
             Some(path) => Some(Arc::new(CredentialFile::open(
                 path,
@@ -98,22 +116,40 @@ impl Auth {
         Ok(Auth {
             tokens,
             hook_secrets: hook_secrets.map(Path::to_path_buf),
+            client_certificates,
         })
     }
 
     pub fn is_on(&self) -> bool {
-        self.tokens.is_some()
+        self.tokens.is_some() || self.client_certificates
     }
 
-    /// The caller of `headers`, if its bearer token is known; why not otherwise.
-    fn principal(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
-        let Some(tokens) = &self.tokens else {
+    /// The caller of a request: by its bearer token when tokens are configured and it sends one, else by its
+    /// connection's verified certificate; why it is refused otherwise.
+    fn principal(
+        &self,
+        headers: &HeaderMap,
+        certificate: Option<&ClientCertificate>,
+    ) -> Result<Principal, ApiError> {
+        if !self.is_on() {
             return Ok(Principal {
                 name: "anonymous".into(),
                 role: Role::Admin,
             });
+        }
+        let value = headers.get("authorization");
+        let Some(tokens) = self.tokens.as_ref().filter(|_| value.is_some()) else {
+            return match certificate {
+                Some(certificate) => certificate_principal(certificate),
+                None if self.client_certificates => Err(unauthorized(
+                    "this API needs a client certificate signed by its client CA",
+                )),
+                None => Err(unauthorized(
+                    "this API needs a bearer token: send `Authorization: Bearer TOKEN`",
+                )),
+            };
         };
-        let Some(value) = headers.get("authorization") else {
+        let Some(value) = value else {
             return Err(unauthorized(
                 "this API needs a bearer token: send `Authorization: Bearer TOKEN`",
             ));
@@ -177,6 +213,7 @@ impl Auth {
         &self,
         workflow: &str,
         headers: &HeaderMap,
+        certificate: Option<&ClientCertificate>,
         body: &[u8],
     ) -> Result<Delivery, ApiError> {
         match self.hook_secret(workflow)? {
@@ -193,10 +230,11 @@ impl Auth {
                 "hook {workflow} has no secret: put one in the file {workflow} of the hook secrets directory"
             ))),
             None if self.is_on() => {
-                let principal = self.principal(headers).map_err(|_| {
+                let principal = self.principal(headers, certificate).map_err(|_| {
                     unauthorized(format!(
-                        "hook {workflow} has no secret, so it needs an operator's bearer token; or give it a \
-                         secret (a file named {workflow} in the hook secrets directory) and sign deliveries"
+                        "hook {workflow} has no secret, so it needs an operator's bearer token or client \
+                         certificate; or give it a secret (a file named {workflow} in the hook secrets \
+                         directory) and sign deliveries"
                     ))
                 })?;
                 require(&principal, Role::Operator).map(|()| Delivery::Trusted)
@@ -247,6 +285,31 @@ fn require(principal: &Principal, role: Role) -> Result<(), ApiError> {
     ))
 }
 
+/// The caller a verified certificate names: the highest role among its subject's organizations.
+fn certificate_principal(certificate: &ClientCertificate) -> Result<Principal, ApiError> {
+    let name = if certificate.common_name.is_empty() {
+        "certificate without a common name".to_string()
+    } else {
+        format!("CN={}", certificate.common_name)
+    };
+    match certificate
+        .organizations
+        .iter()
+        .filter_map(|o| Role::parse(o))
+        .max()
+    {
+        Some(role) => Ok(Principal { name, role }),
+        None => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "certificate",
+            format!(
+                "the client certificate {name} names no role: issue it with O=viewer, O=operator or O=admin \
+                 in its subject, or send a bearer token"
+            ),
+        )),
+    }
+}
+
 fn unauthorized(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "Authorization", message)
 }
@@ -254,11 +317,18 @@ fn unauthorized(message: impl Into<String>) -> ApiError {
 /// The middleware: refuses a request whose token is missing, unknown (401) or of too small a role (403), and
 /// hands the caller to the handlers.
 pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: Next) -> Response {
+    let certificate = request
+        .extensions()
+        .get::<ConnectInfo<TlsPeer>>()
+        .and_then(|peer| peer.0.certificate.clone());
+    request
+        .extensions_mut()
+        .insert(PeerCertificate(certificate.clone()));
     let Some(role) = needed(request.method(), request.uri().path()) else {
         return next.run(request).await;
     };
     let checked = auth
-        .principal(request.headers())
+        .principal(request.headers(), certificate.as_ref())
         .and_then(|principal| require(&principal, role).map(|()| principal));
     match checked {
         Ok(principal) => {
@@ -405,6 +475,73 @@ mod tests {
         map
     }
 
+    fn certificate(common_name: &str, organizations: &[&str]) -> ClientCertificate {
+        ClientCertificate {
+            common_name: common_name.into(),
+            organizations: organizations.iter().map(|o| o.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_certificate_is_a_credential_under_mtls() {
+        let auth = Auth::new(None, None, true).unwrap();
+        assert!(auth.is_on());
+        let none = HeaderMap::new();
+        let ops = certificate("billing", &["Acme", "operator", "viewer"]);
+        let caller = auth.principal(&none, Some(&ops)).unwrap();
+        assert_eq!(
+            (caller.name.as_str(), caller.role),
+            ("CN=billing", Role::Operator)
+        );
+        // Verified but naming no role: authenticated, allowed nothing.
+        let refused = auth
+            .principal(&none, Some(&certificate("x", &["Acme"])))
+            .unwrap_err();
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+        assert!(refused.message.contains("O=viewer"), "{}", refused.message);
+        assert_eq!(
+            auth.principal(&none, None).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        // With no tokens configured, a bearer header is no credential: the certificate decides.
+        let bearer = headers(&[("authorization", "Bearer whatever".into())]);
+        assert_eq!(
+            auth.principal(&bearer, Some(&ops)).unwrap().role,
+            Role::Operator
+        );
+    }
+
+    #[test]
+    fn a_token_outranks_the_certificate_when_tokens_are_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        let token = edow_auth::new_secret("edow").unwrap();
+        let line = format!(
+            "admin {} deployer\n",
+            edow_auth::sha256_hex(token.as_bytes())
+        );
+        std::fs::write(&file, line).unwrap();
+        let auth = Auth::new(Some(&file), None, true).unwrap();
+        let viewer = certificate("dash", &["viewer"]);
+        let with_token = headers(&[("authorization", format!("Bearer {token}"))]);
+        assert_eq!(
+            auth.principal(&with_token, Some(&viewer)).unwrap().role,
+            Role::Admin
+        );
+        assert_eq!(
+            auth.principal(&HeaderMap::new(), Some(&viewer))
+                .unwrap()
+                .role,
+            Role::Viewer
+        );
+        // A wrong token is refused, not quietly replaced by the certificate.
+        let wrong = headers(&[("authorization", "Bearer nope".into())]);
+        assert_eq!(
+            auth.principal(&wrong, Some(&viewer)).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
     #[test]
     fn roles_follow_method_and_path() {
         assert_eq!(needed(&Method::GET, "/v1/workflows"), Some(Role::Viewer));
@@ -496,7 +633,7 @@ mod tests {
     fn hook_names_cannot_leave_the_secrets_directory() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("shop"), "k\n").unwrap();
-        let auth = Auth::new(None, Some(dir.path())).unwrap();
+        let auth = Auth::new(None, Some(dir.path()), false).unwrap();
         assert_eq!(auth.hook_secret("shop").unwrap(), Some(b"k".to_vec()));
         for bad in ["../shop", ".", "..", "a/b", ""] {
             assert_eq!(auth.hook_secret(bad).unwrap(), None, "{bad}");

@@ -12,11 +12,12 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use edow_engine::Definition;
 use serde_json::{json, Value};
 
-use super::auth::Delivery;
+use super::auth::{Delivery, PeerCertificate};
 use super::{path_segment, trace_of, Api, ApiError};
 use crate::client::StartRequest;
 
@@ -81,11 +82,14 @@ async fn latest(api: &Api, name: &str) -> Result<Arc<Definition>, ApiError> {
 pub async fn hook(
     State(api): State<Api>,
     Path(workflow): Path<String>,
+    Extension(PeerCertificate(certificate)): Extension<PeerCertificate>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     // Before anything else, so that an unsigned delivery costs no read of the cluster.
-    let delivery = api.auth.check_hook(&workflow, &headers, &body)?;
+    let delivery = api
+        .auth
+        .check_hook(&workflow, &headers, certificate.as_ref(), &body)?;
     let signed_body = match &delivery {
         Delivery::Signed { body_digest } => Some(body_digest.clone()),
         Delivery::Trusted => None,

@@ -64,7 +64,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls: args
             .tls_cert
             .zip(args.tls_key)
-            .map(|(cert, key)| edow_telemetry::http::TlsFiles { cert, key }),
+            .map(|(cert, key)| edow_telemetry::http::TlsFiles {
+                cert,
+                key,
+                client_ca: None,
+            }),
     };
     edow_registry::serve(config, shutdown_signal()).await
 }
