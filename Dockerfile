@@ -12,6 +12,8 @@ RUN apt-get update \
 COPY --from=build /src/target/release/orchestrator /src/target/release/worker \
      /src/target/release/edow /src/target/release/edow-registry /usr/local/bin/
 COPY examples /opt/edow/examples
+# The blob store's default place: a volume mounted here takes this owner, so the unprivileged user may write it.
+RUN mkdir -p /var/lib/edow/blobs && chown -R 65532:65532 /var/lib/edow
 USER 65532:65532
 ENTRYPOINT []
 CMD ["orchestrator"]

@@ -127,6 +127,17 @@ fn edow_env_vars_read_by_binaries() -> BTreeSet<String> {
         vars.contains("EDOW_BOOTSTRAP_SERVERS") && vars.contains("EDOW_SCHEMA_REGISTRY_URL"),
         "{vars:?}"
     );
+    // Every binary's registry client reads these from the environment (never flags: they name secrets).
+    use edow_schemas::codec::{
+        REGISTRY_CA_VARIABLE, REGISTRY_USER_INFO_FILE_VARIABLE, REGISTRY_USER_INFO_VARIABLE,
+    };
+    for variable in [
+        REGISTRY_CA_VARIABLE,
+        REGISTRY_USER_INFO_FILE_VARIABLE,
+        REGISTRY_USER_INFO_VARIABLE,
+    ] {
+        vars.insert(variable.to_string());
+    }
     vars
 }
 
@@ -577,4 +588,343 @@ fn k8s_kafka_credentials_come_from_secrets_never_from_plain_config() {
             }
         }
     }
+}
+
+fn secure_overlay() -> Value {
+    let text = std::fs::read_to_string(root().join("docker-compose.secure.yml")).unwrap();
+    let mut value: Value =
+        serde_yaml_ng::from_str(&text).expect("docker-compose.secure.yml is valid YAML");
+    value.apply_merge().expect("its merge keys resolve");
+    value
+}
+
+/// `key=value` lines of a properties file under deploy/secrets.
+fn dev_secret_properties(name: &str) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(root().join("deploy/secrets").join(name))
+        .unwrap_or_else(|e| panic!("deploy/secrets/{name}: {e}"))
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect()
+}
+
+/// The secured overlay leaves Kafka no plaintext door beyond the broker's loopback, and authorizes by ACL.
+#[test]
+fn the_secured_compose_takes_only_sasl_ssl_from_clients() {
+    let overlay = secure_overlay();
+    let kafka = &overlay["services"]["kafka"];
+    let protocols: std::collections::BTreeMap<&str, &str> =
+        env_of(kafka, "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP")
+            .split(',')
+            .map(|p| p.split_once(':').unwrap())
+            .collect();
+    for listener in env_of(kafka, "KAFKA_LISTENERS").split(',') {
+        let (name, address) = listener.split_once("://").unwrap();
+        let protocol = protocols[name];
+        assert!(
+            protocol == "SASL_SSL" || address.starts_with("localhost:"),
+            "{name} ({address}) is {protocol} beyond the container's loopback"
+        );
+    }
+    for advertised in env_of(kafka, "KAFKA_ADVERTISED_LISTENERS").split(',') {
+        let name = advertised.split("://").next().unwrap();
+        assert!(
+            !name.contains("SSL"),
+            "{name}: the image's start script wants a JKS keystore for advertised SSL listener names"
+        );
+    }
+    assert_eq!(
+        env_of(kafka, "KAFKA_SASL_ENABLED_MECHANISMS"),
+        "SCRAM-SHA-512"
+    );
+    assert_eq!(
+        env_of(kafka, "KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"),
+        "false"
+    );
+    assert!(env_of(kafka, "KAFKA_AUTHORIZER_CLASS_NAME").ends_with("StandardAuthorizer"));
+    assert_eq!(
+        kafka["depends_on"]["certs"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
+    assert_eq!(
+        overlay["services"]["kafka-users"]["network_mode"].as_str(),
+        Some("service:kafka"),
+        "kafka-users reaches the loopback listener by sharing the broker's network namespace"
+    );
+}
+
+/// Each edow process is its own principal with credentials from a mounted secret, ACLs of its own, https to
+/// the registry, and the API over https; no password is written in the compose files.
+#[test]
+fn the_secured_compose_gives_every_process_its_own_principal_from_secrets() {
+    let overlay = secure_overlay();
+    let services = &overlay["services"];
+    let compose_text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap()
+        + &std::fs::read_to_string(root().join("docker-compose.secure.yml")).unwrap();
+    let acls = std::fs::read_to_string(root().join("deploy/secure/kafka-users.sh")).unwrap();
+    let mut principals = BTreeSet::new();
+    for name in ["orchestrator", "worker", "cli", "schema-registry"] {
+        let service = &services[name];
+        let file = env_of(service, "EDOW_KAFKA_CONFIG_FILE");
+        let secret = file
+            .strip_prefix("/run/secrets/")
+            .unwrap_or_else(|| panic!("{name}: {file} is not a mounted secret"));
+        let mounted: Vec<&str> = service["secrets"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{name} mounts no secrets"))
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert!(mounted.contains(&secret), "{name} does not mount {secret}");
+        assert!(
+            overlay["secrets"][secret]["file"]
+                .as_str()
+                .unwrap()
+                .starts_with("./deploy/secrets/"),
+            "{secret}"
+        );
+        let properties = dev_secret_properties(secret);
+        assert_eq!(properties["security.protocol"], "SASL_SSL", "{secret}");
+        assert_eq!(properties["sasl.mechanism"], "SCRAM-SHA-512", "{secret}");
+        assert_eq!(properties["ssl.ca.location"], "/certs/ca.pem", "{secret}");
+        let user = &properties["sasl.username"];
+        assert!(principals.insert(user.clone()), "{user} is shared");
+        assert!(
+            acls.contains(&format!("User:{user}")),
+            "{user} has no ACLs in kafka-users.sh"
+        );
+        // kafka-users.sh sets edow-WHO's password from kafka-WHO.properties, the file this process mounts.
+        let who = secret
+            .strip_prefix("kafka-")
+            .and_then(|s| s.strip_suffix(".properties"))
+            .unwrap();
+        assert_eq!(user, &format!("edow-{who}"), "{secret}");
+        let creates = acls.lines().find(|l| l.starts_with("for who in")).unwrap();
+        assert!(
+            creates
+                .split_whitespace()
+                .any(|w| w.trim_end_matches(';') == who),
+            "kafka-users.sh creates no credential for {user}"
+        );
+        let password = &properties["sasl.password"];
+        assert!(password.len() >= 16, "{secret}: a real password");
+        assert!(
+            !compose_text.contains(password.as_str()),
+            "{secret}'s password is in a compose file"
+        );
+    }
+    let registry_info =
+        std::fs::read_to_string(root().join("deploy/secrets/registry-user-info")).unwrap();
+    let (_, registry_password) = registry_info.trim().split_once(':').unwrap();
+    assert!(!compose_text.contains(registry_password));
+    for name in ["orchestrator", "worker", "cli"] {
+        let service = &services[name];
+        assert_eq!(
+            env_of(service, "EDOW_SCHEMA_REGISTRY_URL"),
+            "https://schema-registry:8081"
+        );
+        assert_eq!(
+            env_of(service, "EDOW_SCHEMA_REGISTRY_CA_LOCATION"),
+            "/certs/ca.pem"
+        );
+        assert_eq!(
+            env_of(service, "EDOW_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE"),
+            "/run/secrets/registry-user-info"
+        );
+        assert_eq!(
+            env_of(service, "EDOW_BLOB_STORE"),
+            "/var/lib/edow/blobs",
+            "{name}"
+        );
+    }
+    let registry = &services["schema-registry"];
+    assert_eq!(registry["command"][0], "edow-registry");
+    assert_eq!(
+        env_of(registry, "EDOW_REGISTRY_USERS_FILE"),
+        "/run/secrets/registry-users"
+    );
+    assert!(env_of(registry, "EDOW_REGISTRY_TLS_CERT").starts_with("/certs/"));
+    let orchestrator = &services["orchestrator"];
+    assert!(env_of(orchestrator, "EDOW_HTTP_TLS_CERT").starts_with("/certs/"));
+    assert_eq!(
+        env_of(orchestrator, "EDOW_ENCRYPTION_KEYS"),
+        env_of(&services["cli"], "EDOW_ENCRYPTION_KEYS"),
+        "the CLI reads the state the orchestrator encrypts"
+    );
+    let prometheus = std::fs::read_to_string(root().join("deploy/secure/prometheus.yml")).unwrap();
+    assert!(prometheus.contains("scheme: https") && prometheus.contains("ca_file: /certs/ca.pem"));
+
+    // What the overlay sets is read by something: edow's binaries (their --help and the registry client's
+    // variables), or edow-registry.
+    let read_by_binaries = edow_env_vars_read_by_binaries();
+    let registry_help = Command::new(edow_testkit::workspace_binary(
+        "edow-registry",
+        "edow-registry",
+    ))
+    .arg("--help")
+    .output()
+    .unwrap();
+    let registry_help = String::from_utf8_lossy(&registry_help.stdout).to_string();
+    for name in ["orchestrator", "worker", "cli", "schema-registry"] {
+        for key in services[name]["environment"].as_mapping().unwrap().keys() {
+            let key = key.as_str().unwrap();
+            assert!(
+                key.starts_with("EDOW_KAFKA_")
+                    || read_by_binaries.contains(key)
+                    || registry_help.contains(key),
+                "{name} sets {key}, which nothing reads"
+            );
+        }
+    }
+}
+
+/// The overlay's certificate script makes a CA and certificates that verify against it, with the names the
+/// services are reached by, and Kafka's one-file PEM keystore; a second run keeps them.
+#[test]
+fn the_secured_compose_makes_certificates_that_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        Command::new("sh")
+            .arg(root().join("deploy/secure/make-certs.sh"))
+            .env("CERTS_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let made = run();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    for (cert, name) in [
+        ("kafka.pem", "DNS:kafka"),
+        ("schema-registry.pem", "DNS:schema-registry"),
+        ("orchestrator.pem", "DNS:orchestrator"),
+        ("operator-client.pem", "DNS:localhost"),
+    ] {
+        let verified = Command::new("openssl")
+            .args(["verify", "-CAfile", "ca.pem", cert])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            verified.status.success(),
+            "{cert}: {}",
+            String::from_utf8_lossy(&verified.stdout)
+        );
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in", cert])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&text.stdout).contains(name),
+            "{cert} lacks {name}"
+        );
+    }
+    let keystore = std::fs::read_to_string(dir.path().join("kafka-keystore.pem")).unwrap();
+    assert!(keystore.contains("PRIVATE KEY") && keystore.contains("BEGIN CERTIFICATE"));
+    let ca_before = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    assert!(run().status.success());
+    assert_eq!(
+        std::fs::read(dir.path().join("ca.pem")).unwrap(),
+        ca_before,
+        "a rerun replaced the CA"
+    );
+}
+
+/// Every file a pod is told to read for a secret (the API's TLS key, the encryption keys, the registry's
+/// credentials) lies on a volume from a Secret; the registry is reached over https; probes and scrapes of a
+/// TLS listener say https.
+#[test]
+fn k8s_secret_files_are_mounted_from_secrets_and_tls_is_spoken_where_served() {
+    let config = k8s_documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "edow-config")
+        .map(|(_, d)| d)
+        .expect("k8s has the edow-config ConfigMap");
+    assert!(config["data"]["EDOW_SCHEMA_REGISTRY_URL"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://"));
+    let secret_file_variables = [
+        "EDOW_HTTP_TLS_KEY",
+        "EDOW_HTTP_TLS_CERT",
+        "EDOW_ENCRYPTION_KEYS",
+        "EDOW_API_TOKENS_FILE",
+        "EDOW_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE",
+    ];
+    let mut seen = BTreeSet::new();
+    for (file, doc) in k8s_documents() {
+        if doc["kind"] != "Deployment" {
+            continue;
+        }
+        let pod = &doc["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let mut values: Vec<(String, String)> = container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    e["name"].as_str()?.to_string(),
+                    e["value"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        values.extend(config["data"].as_mapping().unwrap().iter().map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_string(),
+                v.as_str().unwrap().to_string(),
+            )
+        }));
+        let mounts = container["volumeMounts"]
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default();
+        for (name, path) in values
+            .iter()
+            .filter(|(n, _)| secret_file_variables.contains(&n.as_str()))
+        {
+            let mount = mounts
+                .iter()
+                .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+                .unwrap_or_else(|| panic!("{file}: {name}={path} is on no mounted volume"));
+            let volume = pod["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == mount["name"])
+                .unwrap();
+            assert!(
+                volume["secret"]["secretName"].is_string(),
+                "{file}: {name} is not from a Secret"
+            );
+            assert_eq!(mount["readOnly"].as_bool(), Some(true), "{file}: {name}");
+            seen.insert(name.clone());
+        }
+        if values.iter().any(|(n, _)| n == "EDOW_HTTP_TLS_CERT") {
+            for probe in ["livenessProbe", "readinessProbe"] {
+                assert_eq!(
+                    container[probe]["httpGet"]["scheme"], "HTTPS",
+                    "{file}: {probe}"
+                );
+            }
+            assert_eq!(
+                doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"], "https",
+                "{file}"
+            );
+        }
+    }
+    assert_eq!(
+        seen,
+        secret_file_variables
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        "a secret file the manifests should mount is missing"
+    );
 }

@@ -118,6 +118,8 @@ impl std::fmt::Debug for RegistryAccess {
 
 /// The variable holding `USER:PASSWORD` for the registry (a secret: never a flag).
 pub const REGISTRY_USER_INFO_VARIABLE: &str = "EDOW_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO";
+/// The variable naming a file that holds `USER:PASSWORD` (a mounted Docker or Kubernetes secret).
+pub const REGISTRY_USER_INFO_FILE_VARIABLE: &str = "EDOW_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE";
 /// The variable naming a PEM file of the registry's CA.
 pub const REGISTRY_CA_VARIABLE: &str = "EDOW_SCHEMA_REGISTRY_CA_LOCATION";
 
@@ -125,12 +127,34 @@ impl RegistryAccess {
     /// From `EDOW_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO` (`USER:PASSWORD`) and
     /// `EDOW_SCHEMA_REGISTRY_CA_LOCATION` (a PEM file), where set.
     pub fn from_environment() -> anyhow::Result<RegistryAccess> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let basic_auth = match var(REGISTRY_USER_INFO_VARIABLE) {
-            Some(info) => {
-                let (user, password) = info.split_once(':').ok_or_else(|| {
-                    anyhow::anyhow!("{REGISTRY_USER_INFO_VARIABLE} must be USER:PASSWORD")
+        RegistryAccess::from_variables(|name| std::env::var(name).ok())
+    }
+
+    /// As [`RegistryAccess::from_environment`], with the variables `lookup` gives.
+    pub fn from_variables(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<RegistryAccess> {
+        let var = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let from_file = match var(REGISTRY_USER_INFO_FILE_VARIABLE) {
+            Some(path) => {
+                anyhow::ensure!(
+                    var(REGISTRY_USER_INFO_VARIABLE).is_none(),
+                    "both {REGISTRY_USER_INFO_VARIABLE} and {REGISTRY_USER_INFO_FILE_VARIABLE} are set; keep one"
+                );
+                let text = read_small(&path).map_err(|e| {
+                    anyhow::anyhow!("{REGISTRY_USER_INFO_FILE_VARIABLE}: reading {path}: {e}")
                 })?;
+                Some((REGISTRY_USER_INFO_FILE_VARIABLE, text.trim().to_string()))
+            }
+            None => {
+                var(REGISTRY_USER_INFO_VARIABLE).map(|info| (REGISTRY_USER_INFO_VARIABLE, info))
+            }
+        };
+        let basic_auth = match from_file {
+            Some((source, info)) => {
+                let (user, password) = info
+                    .split_once(':')
+                    .ok_or_else(|| anyhow::anyhow!("{source} must hold USER:PASSWORD"))?;
                 Some((user.to_string(), password.to_string()))
             }
             None => None,
@@ -144,6 +168,22 @@ impl RegistryAccess {
         };
         Ok(RegistryAccess { basic_auth, ca_pem })
     }
+}
+
+/// A secret file's text, refusing what is not a regular file of at most 64 KiB (a FIFO would block the start).
+fn read_small(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(64 * 1024 + 1)
+        .read_to_string(&mut text)?;
+    if text.len() > 64 * 1024 {
+        return Err(std::io::Error::other("over 64 KiB"));
+    }
+    Ok(text)
 }
 
 /// Largest single allocation (a string, bytes, an array) made while decoding one record.
@@ -368,5 +408,59 @@ mod tests {
         assert_eq!(schema_id(&[1, 0, 0, 0, 7]), None);
         assert_eq!(schema_id(b"{\"json\": true}"), None);
         assert_eq!(schema_id(&[0, 0, 0]), None);
+    }
+
+    #[test]
+    fn registry_credentials_come_from_a_variable_or_a_file() {
+        let dir = std::env::temp_dir().join(format!("edow-codec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("user-info");
+        std::fs::write(&file, "reader:s3cret:with-colon\n").unwrap();
+        let path = file.to_str().unwrap().to_string();
+        let vars = |pairs: Vec<(&'static str, String)>| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.clone())
+            }
+        };
+        let access = RegistryAccess::from_variables(vars(vec![(
+            REGISTRY_USER_INFO_FILE_VARIABLE,
+            path.clone(),
+        )]))
+        .unwrap();
+        assert_eq!(
+            access.basic_auth,
+            Some(("reader".into(), "s3cret:with-colon".into()))
+        );
+        let access =
+            RegistryAccess::from_variables(vars(vec![(REGISTRY_USER_INFO_VARIABLE, "a:b".into())]))
+                .unwrap();
+        assert_eq!(access.basic_auth, Some(("a".into(), "b".into())));
+        let both = RegistryAccess::from_variables(vars(vec![
+            (REGISTRY_USER_INFO_VARIABLE, "a:b".into()),
+            (REGISTRY_USER_INFO_FILE_VARIABLE, path),
+        ]));
+        assert!(both.unwrap_err().to_string().contains("keep one"));
+        // A directory is no secret file, and the error does not print a password.
+        let refused = RegistryAccess::from_variables(vars(vec![(
+            REGISTRY_USER_INFO_FILE_VARIABLE,
+            dir.to_str().unwrap().to_string(),
+        )]))
+        .unwrap_err();
+        assert!(
+            refused.to_string().contains("not a regular file"),
+            "{refused}"
+        );
+        std::fs::write(&file, "no-colon").unwrap();
+        let malformed = RegistryAccess::from_variables(vars(vec![(
+            REGISTRY_USER_INFO_FILE_VARIABLE,
+            file.to_str().unwrap().to_string(),
+        )]))
+        .unwrap_err();
+        assert!(malformed.to_string().contains("USER:PASSWORD"));
+        assert!(!malformed.to_string().contains("no-colon"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
