@@ -928,3 +928,83 @@ fn k8s_secret_files_are_mounted_from_secrets_and_tls_is_spoken_where_served() {
         "a secret file the manifests should mount is missing"
     );
 }
+
+/// The two ways to scale workers on lag scale the worker Deployment, up to the task topics' partition count,
+/// on the group the workers join (KEDA) or the lag metric the workers export (HPA).
+#[test]
+fn k8s_autoscaling_scales_workers_on_consumer_lag_up_to_the_partition_count() {
+    let parse = |name: &str| -> Vec<Value> {
+        let text = std::fs::read_to_string(root().join("k8s/autoscaling").join(name)).unwrap();
+        serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: {e}")))
+            .collect()
+    };
+    let docs = k8s_documents();
+    let config = &docs
+        .iter()
+        .find(|(_, d)| d["kind"] == "ConfigMap")
+        .unwrap()
+        .1;
+    let partitions: u64 = config["data"]["EDOW_TASK_PARTITIONS"]
+        .as_str()
+        .expect("k8s/config.yaml sets EDOW_TASK_PARTITIONS")
+        .parse()
+        .unwrap();
+    let worker = &docs
+        .iter()
+        .find(|(f, d)| f == "worker.yaml" && d["kind"] == "Deployment")
+        .unwrap()
+        .1;
+    let worker_name = worker["metadata"]["name"].as_str().unwrap();
+    let command: Vec<&str> = worker["spec"]["template"]["spec"]["containers"][0]["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert!(
+        !command.contains(&"--group"),
+        "the worker joins the default group, which KEDA watches"
+    );
+    let help = Command::new(edow_testkit::workspace_binary("edow-worker", "worker"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+
+    let keda = parse("keda.yaml");
+    let scaled = keda.iter().find(|d| d["kind"] == "ScaledObject").unwrap();
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], worker_name);
+    assert_eq!(scaled["spec"]["maxReplicaCount"].as_u64(), Some(partitions));
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "kafka");
+    let group = trigger["metadata"]["consumerGroup"].as_str().unwrap();
+    assert!(
+        help.contains(&format!("[default: {group}]")),
+        "KEDA watches {group}, not the worker's default group"
+    );
+    assert_eq!(
+        trigger["metadata"]["bootstrapServers"].as_str(),
+        config["data"]["EDOW_BOOTSTRAP_SERVERS"].as_str()
+    );
+    let auth_name = trigger["authenticationRef"]["name"].as_str().unwrap();
+    let auth = keda
+        .iter()
+        .find(|d| d["kind"] == "TriggerAuthentication" && d["metadata"]["name"] == auth_name)
+        .expect("the trigger's TriggerAuthentication is defined");
+    for reference in auth["spec"]["secretTargetRef"].as_sequence().unwrap() {
+        assert_eq!(
+            reference["name"], "edow-kafka-worker",
+            "KEDA authenticates as the worker's principal, from its Secret"
+        );
+    }
+
+    let hpa = &parse("hpa.yaml")[0];
+    assert_eq!(hpa["kind"], "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], worker_name);
+    assert_eq!(hpa["spec"]["maxReplicas"].as_u64(), Some(partitions));
+    let metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+        .as_str()
+        .unwrap();
+    assert_eq!(metric, edow_telemetry::metrics::CONSUMER_LAG_NAME);
+}
