@@ -98,9 +98,11 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["topic", "reason"],
     )
 });
+/// The name of [`CONSUMER_LAG`], which autoscalers (k8s/autoscaling) scale workers on.
+pub const CONSUMER_LAG_NAME: &str = "edow_consumer_lag_records";
 pub static CONSUMER_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauges(
-        "edow_consumer_lag_records",
+        CONSUMER_LAG_NAME,
         "High watermark minus committed offset of each partition this process's consumer group member owns \
          (librdkafka statistics, as the lag exporters compute it).",
         &["group", "topic", "partition"],
@@ -239,6 +241,14 @@ pub static WORKER_FREE_SLOTS: LazyLock<IntGauge> = LazyLock::new(|| {
         "Tasks this worker could start now (concurrency minus running).",
     )
 });
+pub static CIRCUIT_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauges(
+        "edow_circuit_state",
+        "The circuit breaker of each task type this worker serves with one: 0 closed (tasks run), 1 open (its \
+         partitions are paused), 2 half-open (probing).",
+        &["task_type"],
+    )
+});
 
 // --- Schema registry ---------------------------------------------------------------------------------------------
 
@@ -290,7 +300,7 @@ pub fn collectors(exporter: Exporter) -> Vec<&'static dyn Collector> {
             kafka.into_iter().chain(own).collect()
         }
         Exporter::Worker => {
-            let own: [&'static dyn Collector; 7] = [
+            let own: [&'static dyn Collector; 8] = [
                 &*TASKS,
                 &*TASK_FAILURES,
                 &*TASK_RETRIES,
@@ -298,6 +308,7 @@ pub fn collectors(exporter: Exporter) -> Vec<&'static dyn Collector> {
                 &*TASK_SCHEDULE_TO_START,
                 &*WORKER_IN_FLIGHT,
                 &*WORKER_FREE_SLOTS,
+                &*CIRCUIT_STATE,
             ];
             kafka.into_iter().chain(own).collect()
         }

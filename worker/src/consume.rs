@@ -3,7 +3,10 @@
 //! the queue is down to half, so a slow handler never makes the worker miss `max.poll.interval.ms` and memory
 //! stays bounded — hands records to tasks, commits finished offsets every 100 ms (async, in
 //! order per partition, never above an unfinished task), and on revocation commits what its partitions finished
-//! synchronously before the group moves them, then forgets them. It also runs the shutdown sequence.
+//! synchronously before the group moves them, then forgets them. It also runs the shutdown sequence, and carries
+//! out the circuit breakers ([`crate::breaker`]): a record of a type whose breaker lets nothing start is held
+//! (uncommitted, outside the queue, so other types keep flowing) and the type's partitions are paused, so that
+//! its tasks wait in Kafka rather than burn their attempts; held records are its half-open probes.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
@@ -23,6 +26,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::breaker::{Breakers, State, Transition};
 use crate::offsets::{Lease, OffsetTracker, Position};
 use crate::publish::Stop;
 use crate::task::{self, Outcome, TaskContext};
@@ -35,6 +39,30 @@ const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 fn lock(tracker: &Mutex<OffsetTracker>) -> MutexGuard<'_, OffsetTracker> {
     tracker.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn lock_breakers(breakers: &Mutex<Breakers>) -> MutexGuard<'_, Breakers> {
+    breakers.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Logs a breaker's change of state and shows it as `edow_circuit_state`.
+pub(crate) fn report(transition: &Transition) {
+    let Transition {
+        task_type,
+        from,
+        to,
+        why,
+    } = transition;
+    metrics::CIRCUIT_STATE
+        .with_label_values(&[task_type])
+        .set(to.gauge());
+    let (from, to) = (from.name(), to.name());
+    match transition.to {
+        State::Open => {
+            tracing::warn!(%task_type, from, to, "circuit breaker opened: {why}; its tasks wait in Kafka")
+        }
+        _ => tracing::info!(%task_type, from, to, "circuit breaker {to}: {why}"),
+    }
 }
 
 /// The consumer's context: keeps the offset tracker in step with the group's assignment, and exports the
@@ -145,8 +173,14 @@ struct Flow {
     /// Woken by every task that ends, so the loop can start queued work and resume partitions.
     finished: Arc<Notify>,
     queued: VecDeque<Queued>,
+    /// Records of types whose breaker lets nothing start, oldest first.
+    held: VecDeque<Queued>,
     /// Partitions this worker paused and has not resumed yet.
     paused: BTreeSet<(String, i32)>,
+    /// Partitions paused for their type's breaker.
+    breaker_paused: BTreeSet<(String, i32)>,
+    /// The flow control resumed partitions or the assignment changed: pause the breakers' partitions again.
+    repause: bool,
     /// Since when the queue has been full while nothing was paused.
     full_since: Option<Instant>,
 }
@@ -167,18 +201,25 @@ pub async fn run(
         concurrency,
         finished: Arc::new(Notify::new()),
         queued: VecDeque::new(),
+        held: VecDeque::new(),
         paused: BTreeSet::new(),
+        breaker_paused: BTreeSet::new(),
+        repause: false,
         full_since: None,
     };
     let mut tick = tokio::time::interval(COMMIT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(signal);
     loop {
+        for transition in lock_breakers(&flow.ctx.breakers).tick(Instant::now()) {
+            report(&transition);
+        }
         flow.start_queued();
         let free = flow.permits.available_permits();
         metrics::WORKER_FREE_SLOTS.set(free as i64);
         metrics::WORKER_IN_FLIGHT.set(concurrency.saturating_sub(free) as i64);
         let receive = flow.backpressure(&consumer);
+        flow.enforce_breakers(&consumer);
         tokio::select! {
             _ = &mut signal => break,
             _ = tick.tick() => commit(&consumer, &flow.tracker, CommitMode::Async),
@@ -219,12 +260,50 @@ impl Flow {
         }
     }
 
-    /// Starts queued records while permits are free; drops those whose partition went elsewhere meanwhile.
+    /// Starts held records whose breaker now lets them (oldest first: they are the probes), then queued ones,
+    /// while permits are free; holds records of types whose breaker lets nothing start; drops those whose
+    /// partition went elsewhere meanwhile (not started and not committed: the new owner reads them again).
     fn start_queued(&mut self) {
+        let breakers = self.ctx.breakers.clone();
+        let mut breakers = lock_breakers(&breakers);
+        if !self.held.is_empty() {
+            let mut still_held = VecDeque::with_capacity(self.held.len());
+            while let Some(held) = self.held.pop_front() {
+                if held.lease.is_revoked() {
+                    continue;
+                }
+                let task_type = self.task_type(&held);
+                if !breakers.may_start(&task_type) {
+                    still_held.push_back(held);
+                    continue;
+                }
+                let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                    still_held.push_back(held);
+                    continue;
+                };
+                breakers.started(&task_type);
+                self.spawn(held, permit);
+            }
+            self.held = still_held;
+        }
         while let Some(front) = self.queued.front() {
             if front.lease.is_revoked() {
-                // Not started and not committed: the partition's new owner reads it again.
                 self.queued.pop_front();
+                continue;
+            }
+            if !breakers.is_empty() {
+                let task_type = self.task_type(front);
+                if !breakers.may_start(&task_type) {
+                    let held = self.queued.pop_front().expect("front exists");
+                    self.held.push_back(held);
+                    continue;
+                }
+                let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                    break;
+                };
+                breakers.started(&task_type);
+                let queued = self.queued.pop_front().expect("front exists");
+                self.spawn(queued, permit);
                 continue;
             }
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
@@ -233,6 +312,87 @@ impl Flow {
             let queued = self.queued.pop_front().expect("front exists");
             self.spawn(queued, permit);
         }
+    }
+
+    fn task_type(&self, queued: &Queued) -> String {
+        let topic = queued.msg.topic();
+        self.ctx
+            .topic_types
+            .get(topic)
+            .cloned()
+            .unwrap_or_else(|| topic.to_string())
+    }
+
+    /// Pauses the partitions of each type whose breaker is open, or half-open with its probes in hand (held or
+    /// running); resumes them once it lets tasks start again and holds none. A half-open breaker with nothing
+    /// held resumes them to fetch a probe, and pauses them again once one is held, so held records stay few.
+    fn enforce_breakers(&mut self, consumer: &TaskConsumer) {
+        let wanted: BTreeSet<String> = {
+            let breakers = lock_breakers(&self.ctx.breakers);
+            breakers
+                .not_closed()
+                .filter(|(task_type, state)| {
+                    *state == State::Open
+                        || !breakers.may_start(task_type)
+                        || self.held.iter().any(|h| self.task_type(h) == *task_type)
+                })
+                .map(|(task_type, _)| task_type.to_string())
+                .collect()
+        };
+        let repause = std::mem::take(&mut self.repause);
+        if wanted.is_empty() && self.breaker_paused.is_empty() {
+            return;
+        }
+        let assignment = match consumer.assignment() {
+            Ok(assignment) => assignment,
+            Err(e) => {
+                tracing::warn!("reading the assignment for the circuit breakers: {e}");
+                return;
+            }
+        };
+        let desired: BTreeSet<(String, i32)> = assignment
+            .elements()
+            .iter()
+            .filter(|e| {
+                self.ctx
+                    .topic_types
+                    .get(e.topic())
+                    .is_some_and(|t| wanted.contains(t))
+            })
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let to_pause: Vec<&(String, i32)> = if repause {
+            desired.iter().collect()
+        } else {
+            desired.difference(&self.breaker_paused).collect()
+        };
+        let to_resume: Vec<(String, i32)> = self
+            .breaker_paused
+            .difference(&desired)
+            // Paused by the flow control too: it resumes them.
+            .filter(|p| !self.paused.contains(*p))
+            .cloned()
+            .collect();
+        let list = |partitions: &mut dyn Iterator<Item = &(String, i32)>| {
+            let mut list = TopicPartitionList::new();
+            for (topic, partition) in partitions {
+                list.add_partition(topic, *partition);
+            }
+            list
+        };
+        if !to_pause.is_empty() {
+            if let Err(e) = consumer.pause(&list(&mut to_pause.into_iter())) {
+                tracing::warn!("pausing partitions for a circuit breaker: {e}");
+                return;
+            }
+        }
+        if !to_resume.is_empty() {
+            if let Err(e) = consumer.resume(&list(&mut to_resume.iter())) {
+                tracing::warn!("resuming partitions after a circuit breaker: {e}");
+                return;
+            }
+        }
+        self.breaker_paused = desired;
     }
 
     /// Flow control; returns whether to take records now. While a permit's worth of records waits (`concurrency`
@@ -251,6 +411,7 @@ impl Flow {
         let (full, resume) = thresholds(self.concurrency);
         let queued = self.queued.len();
         let reassigned = consumer.context().assigned.swap(false, Ordering::SeqCst);
+        self.repause |= reassigned;
         let full_too_long = if queued >= full && self.paused.is_empty() {
             let since = *self.full_since.get_or_insert_with(Instant::now);
             since.elapsed() >= PAUSE_AFTER
@@ -300,6 +461,7 @@ impl Flow {
                 Ok(()) => {
                     tracing::debug!(queued, "queue drained: partitions resumed");
                     self.paused.clear();
+                    self.repause = true;
                 }
                 Err(e) => tracing::warn!("resuming partitions: {e}"),
             }
@@ -354,6 +516,7 @@ impl Flow {
     async fn drain(&mut self, consumer: &TaskConsumer, grace: Duration) {
         self.ctx.shutdown.drain();
         self.queued.clear();
+        self.held.clear();
         if let Err(e) = consumer.assignment().and_then(|a| consumer.pause(&a)) {
             tracing::warn!("pausing partitions: {e}");
         }

@@ -6,10 +6,11 @@
 //!
 //! Modules, by concern: [`consume`] (the poll loop, backpressure, commits, rebalances, shutdown sequence),
 //! [`offsets`] (what may be committed, per owned partition), [`task`] (one record to one answer), [`publish`]
-//! (results and dead letters until acknowledged), [`answered`] (bounded memory of task ids), [`handlers`],
-//! [`shutdown`].
+//! (results and dead letters until acknowledged), [`answered`] (bounded memory of task ids), [`breaker`] (circuit
+//! breakers per task type, a sans-IO state machine the loop carries out), [`handlers`], [`shutdown`].
 
 pub mod answered;
+pub mod breaker;
 pub mod consume;
 pub mod handlers;
 pub mod offsets;
@@ -64,6 +65,8 @@ pub struct Config {
     /// Where values passed by reference are (see `edow_blobs`): inputs are resolved before a handler sees them,
     /// outputs over its threshold are stored. `None`: references are handed to handlers as they are.
     pub blobs: Option<edow_blobs::Blobs>,
+    /// Circuit breakers, by the task type they guard; types without one always run.
+    pub breakers: HashMap<String, breaker::BreakerPolicy>,
 }
 
 /// Bounds on what a task brings in and what the worker keeps.
@@ -108,8 +111,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         !config.handlers.is_empty(),
         "the worker serves no task type; pass --task TYPE=HANDLER"
     );
+    if let Some(unserved) = config
+        .breakers
+        .keys()
+        .find(|t| !config.handlers.contains_key(*t))
+    {
+        anyhow::bail!(
+            "--circuit-breaker {unserved}: this worker serves no task type {unserved}; give it --task {unserved}=HANDLER \
+             or drop the breaker"
+        );
+    }
     let topics = &config.topics;
     let mut subscriptions = Vec::new();
+    let mut topic_types = HashMap::new();
     let mut specs = vec![TopicSpec::new(
         topics.results(),
         config.partitions,
@@ -127,11 +141,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 config.task_partitions,
                 config.replication_factor,
             ));
+            topic_types.insert(topic.clone(), task_type.clone());
             subscriptions.push(topic);
         }
     }
     config.kafka.ensure_topics(&specs).await?;
     edow_telemetry::metrics::init(edow_telemetry::metrics::Exporter::Worker);
+    for task_type in config.breakers.keys() {
+        edow_telemetry::metrics::CIRCUIT_STATE
+            .with_label_values(&[task_type])
+            .set(breaker::State::Closed.gauge());
+    }
     // Dropped when `run` returns, which stops the listener.
     let (_listener_stop, stop_listener) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = config.metrics_addr {
@@ -183,6 +203,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         max_input_bytes: config.limits.max_input_bytes,
         max_output_bytes: config.limits.max_output_bytes,
         blobs: config.blobs,
+        breakers: Arc::new(Mutex::new(breaker::Breakers::new(config.breakers))),
+        topic_types,
     });
     consume::run(
         consumer,

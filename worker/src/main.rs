@@ -18,6 +18,12 @@ struct Args {
     /// payment.charge:Authorization=file:/etc/edow/payments-token); repeatable. Never the value itself.
     #[arg(long = "http-header", value_name = "TYPE:NAME=SOURCE")]
     http_headers: Vec<String>,
+    /// A circuit breaker for a task type, repeatable: TYPE, or TYPE:KEY=VALUE,... with consecutive (retryable
+    /// failures in a row that open it; 5), failure_rate (share of failures within window that opens it; 0.5),
+    /// min_calls (20), window (30s), open_for (10s), probes (tasks tried while half-open; 1). While open, the
+    /// type's partitions are paused and its tasks wait in Kafka.
+    #[arg(long = "circuit-breaker", value_name = "TYPE[:KEY=VALUE,...]")]
+    circuit_breakers: Vec<String>,
     #[command(flatten)]
     cluster: ClusterArgs,
     #[command(flatten)]
@@ -111,6 +117,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
         format!("{}-{}", host.trim(), std::process::id())
     });
+    let mut breakers = HashMap::new();
+    for spec in &args.circuit_breakers {
+        let (task_type, policy) =
+            edow_worker::breaker::BreakerPolicy::parse(spec).map_err(anyhow::Error::msg)?;
+        if breakers.insert(task_type.clone(), policy).is_some() {
+            anyhow::bail!("--circuit-breaker {task_type} is given twice; keep one");
+        }
+    }
     let config = edow_worker::Config {
         kafka: args.cluster.kafka()?,
         topics: args.cluster.topics(),
@@ -134,6 +148,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         task_partitions: args.cluster.task_partitions,
         replication_factor: args.cluster.replication_factor,
         blobs,
+        breakers,
     };
     edow_worker::run(config, edow_kafka::process::shutdown_signal()).await
 }

@@ -42,6 +42,10 @@ pub struct TaskContext {
     pub publisher: Publisher,
     pub answered: Arc<Answered>,
     pub shutdown: Shutdown,
+    /// The circuit breakers of the types that have one, fed with the outcome of every task run here.
+    pub breakers: Arc<std::sync::Mutex<crate::breaker::Breakers>>,
+    /// The task type of each topic consumed.
+    pub topic_types: HashMap<String, String>,
 }
 
 impl TaskContext {
@@ -175,6 +179,15 @@ async fn answer(
             }
             Begin::Start(attempt) => {
                 let (mut result, poison) = run(ctx, &request, Some(trace)).await;
+                let failed_retryably = result.error.as_ref().is_some_and(|e| e.retryable);
+                let changed = crate::consume::lock_breakers(&ctx.breakers).record(
+                    &request.task_type,
+                    failed_retryably,
+                    std::time::Instant::now(),
+                );
+                if let Some(transition) = changed {
+                    crate::consume::report(&transition);
+                }
                 let failure = result
                     .error
                     .as_ref()
