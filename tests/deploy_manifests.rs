@@ -1008,3 +1008,29 @@ fn k8s_autoscaling_scales_workers_on_consumer_lag_up_to_the_partition_count() {
         .unwrap();
     assert_eq!(metric, edow_telemetry::metrics::CONSUMER_LAG_NAME);
 }
+
+/// Kubernetes waits for a draining worker: the pod's grace period covers the worker's shutdown grace, with room
+/// for the last commit and leaving the group.
+#[test]
+fn k8s_gives_a_draining_worker_the_time_its_shutdown_grace_needs() {
+    let docs = k8s_documents();
+    let worker = &docs
+        .iter()
+        .find(|(f, d)| f == "worker.yaml" && d["kind"] == "Deployment")
+        .unwrap()
+        .1;
+    let pod = &worker["spec"]["template"]["spec"];
+    let period = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let grace = pod["containers"][0]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "EDOW_SHUTDOWN_GRACE")
+        .and_then(|e| e["value"].as_str())
+        .expect("worker.yaml sets EDOW_SHUTDOWN_GRACE");
+    let grace = humantime::parse_duration(grace).unwrap().as_secs();
+    assert!(
+        period >= grace + 10,
+        "terminationGracePeriodSeconds {period} leaves less than 10 s beyond the shutdown grace of {grace} s"
+    );
+}
