@@ -219,6 +219,12 @@ async fn the_api_drives_and_reads_workflows_from_any_instance() {
         b["workflows"].as_array().is_some_and(|w| w.len() == 5)
     })
     .await;
+    // Each instance's index follows the topics on its own: wait until the one paged through has them all too.
+    other
+        .until("/v1/workflows?name=api-quick&status=Completed", |_, b| {
+            b["workflows"].as_array().is_some_and(|w| w.len() == 5)
+        })
+        .await;
     let mut seen = BTreeSet::new();
     let mut query = "/v1/workflows?name=api-quick&limit=2".to_string();
     for _ in 0..5 {
